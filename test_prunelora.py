@@ -1,0 +1,282 @@
+"""Tests of prunelora.py: each one states an equivalence the method relies on."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunelora as pl
+
+
+def small_net(bias=True, stride=2, padding=1, dilation=1):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=stride, padding=padding, dilation=dilation, bias=bias),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=bias),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 12, bias=bias),
+        nn.ReLU(),
+        nn.Linear(12, 5),  # the head
+    )
+
+
+HEAD = ("7",)
+CONV_SETTINGS = [dict(stride=2, padding=0), dict(stride=2, padding=1), dict(stride=1, padding=1, dilation=2),
+                 dict(stride=1, padding=0, bias=False)]
+
+
+def randomize_factors(model, scale=0.1):
+    """Nonzero B (and A) so that the LoRA update really changes the output."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, pl._LoRALayer):
+                m.lora_A.weight.normal_(0, scale)
+                m.lora_B.weight.normal_(0, scale)
+
+
+def close(a, b):
+    """max |a - b| <= 1e-5 relative to the output scale"""
+    return (a - b).abs().max().item() <= 1e-5 * max(b.abs().max().item(), 1.0)
+
+
+x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+# -----------------------------------------------------------------------------
+# LoRA layers
+
+
+@pytest.mark.parametrize("prune_first", [False, True])
+def test_zero_B_gives_exactly_the_base_output(prune_first):
+    model = small_net()
+    if prune_first:
+        pl.prune_global(model, 0.5, exclude=HEAD)
+    expected = model(x)
+    pl.add_lora(model, r=4, alpha=8, exclude=HEAD)
+    assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("prune_amount", [0.0, 0.6])
+@pytest.mark.parametrize("conv", CONV_SETTINGS)
+def test_merged_equals_unmerged(conv, prune_amount):
+    model = small_net(**conv)
+    if prune_amount:
+        pl.prune_global(model, prune_amount, exclude=HEAD)
+    pl.add_lora(model, r=3, alpha=6, exclude=HEAD)
+    randomize_factors(model)
+    model.eval()
+    unmerged = model(x)
+    assert not torch.allclose(unmerged, small_net(**conv)(x))  # the update really does something
+    pl.merge_lora(model)
+    assert not any(isinstance(m, pl._LoRALayer) for m in model.modules())
+    assert close(model(x), unmerged)
+
+
+def test_linear_layer_merge_alone():
+    base = nn.Linear(10, 7)
+    lora = pl.LoRALinear(base, r=2, alpha=4)
+    randomize_factors(nn.Sequential(lora))
+    inputs = torch.randn(5, 10)
+    expected = base(inputs) + (4 / 2) * inputs @ (lora.lora_B.weight @ lora.lora_A.weight).T  # W + s B A
+    assert close(lora(inputs), expected)
+    assert close(F.linear(inputs, lora.merged_weight(), base.bias), expected)
+
+
+def test_pruned_training_path_with_dropout_matches_merged_path_without_it():
+    model = small_net()
+    pl.prune_global(model, 0.5, exclude=HEAD)
+    pl.add_lora(model, r=2, alpha=2, dropout=0.5, exclude=HEAD)
+    randomize_factors(model)
+    for m in model.modules():  # dropout active but p forced to 0: the two-branch training path
+        if isinstance(m, nn.Dropout):
+            m.p = 1e-12
+    model.train()
+    two_branch = model(x)
+    model.eval()
+    assert close(model(x), two_branch)
+
+
+def test_grouped_conv_is_refused_clearly():
+    with pytest.raises(NotImplementedError, match="groups=4"):
+        pl.LoRAConv2d(nn.Conv2d(8, 8, 3, groups=4), r=2, alpha=2)
+
+# -----------------------------------------------------------------------------
+# pruning and sparsity
+
+
+@pytest.mark.parametrize("amount", [0.0, 0.3, 0.5, 0.9])
+def test_prune_global_hits_the_requested_amount(amount):
+    model = small_net()
+    pruned = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][:-1]
+    total = sum(m.weight.numel() for m in pruned)
+    reached = pl.prune_global(model, amount, exclude=HEAD)
+    zeros = sum(int((m.weight_mask == 0).sum()) for m in pruned)
+    assert abs(zeros - amount * total) <= 1 and reached == zeros / total
+    assert not hasattr(model[7], "weight_mask")  # the head stays dense
+
+
+def test_pruning_is_global_not_per_layer():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].weight.fill_(0.01)
+        model[1].weight.fill_(1.0)
+    pl.prune_global(model, 0.5)
+    assert (model[0].weight == 0).all() and (model[1].weight != 0).all()
+
+
+def test_merge_keeps_zeros_where_the_mask_had_them_and_sparsity():
+    model = small_net()
+    pl.prune_global(model, 0.7, exclude=HEAD)
+    before = pl.sparsity(model)
+    masks = {name: m.weight_mask.clone() for name, m in model.named_modules() if hasattr(m, "weight_mask")}
+    pl.add_lora(model, r=4, alpha=8, exclude=HEAD)
+    randomize_factors(model)
+    assert pl.sparsity(model) == before  # factors are not counted
+    pl.merge_lora(model)
+    for name, mask in masks.items():
+        weight = model.get_submodule(name).weight
+        assert torch.equal(weight == 0, mask == 0)
+        assert not hasattr(model.get_submodule(name), "weight_mask")  # pruning made permanent
+    assert pl.sparsity(model) == before
+
+
+def test_pruned_zeros_stay_zero_through_training():
+    model = small_net()
+    pl.prune_global(model, 0.5, exclude=HEAD)
+    pl.add_lora(model, r=4, alpha=8, exclude=HEAD)
+    pl.mark_only_lora_trainable(model, keep=HEAD)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        loss = F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for m in model.modules():
+        if isinstance(m, pl._LoRALayer):
+            assert (m.merged_weight()[m.base.weight_mask == 0] == 0).all()
+
+# -----------------------------------------------------------------------------
+# what trains
+
+
+def test_only_lora_factors_and_keep_change_in_an_optimizer_step():
+    model = small_net()
+    pl.prune_global(model, 0.5, exclude=HEAD)
+    pl.add_lora(model, r=2, alpha=4, exclude=HEAD)
+    pl.mark_only_lora_trainable(model, keep=HEAD)
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # all parameters: requires_grad decides
+    for _ in range(2):  # two steps: the first only moves B (A's gradient is zero while B = 0)
+        F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+        optimizer.step()
+    for key, value in model.state_dict().items():
+        changed = not torch.equal(value, before[key])
+        assert changed == (".lora_" in key or key.startswith("7.")), key
+
+
+def test_trainable_parameter_count():
+    model = small_net()
+    pl.add_lora(model, r=3, alpha=3, exclude=HEAD)
+    count = pl.mark_only_lora_trainable(model, keep=HEAD)
+    per_conv = [3 * (3 * 3 * 3 + 8), 3 * (8 * 3 * 3 + 16)]  # r * (in*kh*kw + out)
+    per_linear = [3 * (16 + 12)]                            # r * (in + out)
+    head = 12 * 5 + 5
+    assert count == sum(per_conv) + sum(per_linear) + head
+
+
+def test_add_lora_twice_does_not_wrap_the_factors():
+    model = small_net()
+    first = pl.add_lora(model, r=2, alpha=2, exclude=HEAD)
+    assert first == ["0", "2", "5"]
+    assert pl.add_lora(model, r=2, alpha=2, exclude=HEAD) == []
+
+
+def test_lora_state_dict_holds_only_factors_and_keep():
+    model = small_net()
+    pl.add_lora(model, r=2, alpha=2, exclude=HEAD)
+    keys = set(pl.lora_state_dict(model, keep=HEAD))
+    assert keys == {f"{i}.lora_{ab}.weight" for i in (0, 2, 5) for ab in "AB"} | {"7.weight", "7.bias"}
+
+# -----------------------------------------------------------------------------
+# copies, saving and loading
+
+
+def pruned_and_wrapped():
+    model = small_net()
+    pl.prune_global(model, 0.5, exclude=HEAD)
+    pl.add_lora(model, r=2, alpha=4, exclude=HEAD)
+    randomize_factors(model)
+    return model.eval()
+
+
+def test_deepcopy_of_a_pruned_wrapped_model():
+    model = pruned_and_wrapped()
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone(x), model(x))
+    pl.merge_lora(clone)  # merging the copy leaves the original wrapped
+    assert any(isinstance(m, pl._LoRALayer) for m in model.modules())
+
+
+def test_state_dict_round_trip_of_a_pruned_wrapped_model():
+    model = pruned_and_wrapped()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = small_net()
+    pl.prune_global(fresh, 0.1, exclude=HEAD)  # other masks: loading must replace them
+    pl.add_lora(fresh, r=2, alpha=4, exclude=HEAD)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(fresh.eval()(x), model(x))
+
+
+def test_merged_model_loads_strictly_into_a_fresh_architecture():
+    model = pruned_and_wrapped()
+    expected = model(x)
+    state = pl.merge_lora(model).state_dict()
+    assert set(state) == set(small_net().state_dict())
+    fresh = small_net()
+    fresh.load_state_dict(state, strict=True)
+    assert close(fresh.eval()(x), expected)
+
+# -----------------------------------------------------------------------------
+# bad arguments
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: pl.prune_global(m, 1.0), "amount"),
+    (lambda m: pl.prune_global(m, -0.1), "amount"),
+    (lambda m: pl.prune_global(m, 0.5, exclude=("nope",)), "'nope'"),
+    (lambda m: pl.prune_global(m, 0.5, exclude="7"), "'7'"),
+    (lambda m: pl.add_lora(m, r=0), "r must"),
+    (lambda m: pl.add_lora(m, r=2.5), "r must"),
+    (lambda m: pl.add_lora(m, alpha=0), "alpha"),
+    (lambda m: pl.add_lora(m, alpha=-1), "alpha"),
+    (lambda m: pl.add_lora(m, exclude=("head",)), "'head'"),
+    (lambda m: pl.mark_only_lora_trainable(m, keep=("fc",)), "'fc'"),
+    (lambda m: pl.lora_state_dict(m, keep=("fc",)), "'fc'"),
+    (lambda m: pl.prune_global(nn.Sequential(nn.ReLU()), 0.5), "no Conv2d or Linear"),
+])
+def test_bad_arguments_raise_value_error_naming_the_value(call, message):
+    model = small_net()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=message):
+        call(model)
+    assert model.state_dict().keys() == state.keys()  # nothing half-done
+
+# -----------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_merge_under_bf16_autocast_matches_fp32_reference():
+    model = pruned_and_wrapped().cuda()
+    inputs = x.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        autocast_out = model(inputs).float()
+    unmerged = model(inputs)
+    pl.merge_lora(model)
+    assert close(model(inputs), unmerged)
+    assert (autocast_out - unmerged).abs().max() < 0.05 * unmerged.abs().max()
