@@ -1,0 +1,244 @@
+"""Make a trained classifier forget one or more classes: PruneLoRA and the paper's baselines.
+
+    python unlearn.py --forget-class 3                    # CIFAR-10 ResNet-18, PruneLoRA
+    python unlearn.py --forget-class 3 --method all       # and every baseline, in one table
+    python unlearn.py --forget-class 3 5 --method prunelora,retrain
+
+It loads checkpoints/<dataset>-<arch>.pt (training it first with train.py's defaults if
+there is none), unlearns with each --method, and writes results/<dataset>-<arch>-forget<K>.json
+and .md, plus each unlearned model, merged, as checkpoints/unlearned/...-<method>.pt.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import prunelora as pl
+from evaluate import markdown_table, unlearning_metrics
+from train import (ArgumentParser, UserError, add_data_args, add_train_args, build_model, check_classes,
+                   check_dataset_name, check_writable, checkpoint_dict, default_checkpoint, fit, load_checkpoint, load_dataset,
+                   model_from_checkpoint, pick_device, positive_float, positive_int, predict, run_cli,
+                   save_checkpoint, save_text, train, training_index, warmup_cosine)
+
+HEAD = ("head",)  # every architecture in train.py names its classifier "head"
+METHODS = ("prunelora", "retrain", "finetune", "prune-finetune", "lora", "ga", "rl")
+
+# -----------------------------------------------------------------------------
+# the methods: each takes a fresh copy of the base model and returns (unlearned model, trainable params)
+
+
+def finetune_on(model, data, index, args, loss_fn=F.cross_entropy, lr=None):
+    """Adam on the trainable parameters, warm-up + cosine schedule, args.epochs over data[index]."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    peak = lr or args.lr
+    optimizer = torch.optim.Adam(params, lr=peak)
+    generator = torch.Generator().manual_seed(args.seed)
+    fit(model, data, index, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
+        generator=generator, lr_at=lambda step, total: warmup_cosine(step, total, peak), loss_fn=loss_fn,
+        log=lambda line: print("   ", line, flush=True))
+    return sum(p.numel() for p in params)
+
+
+def unlearn_prunelora(model, data, split, args):
+    pl.prune_global(model, args.prune_amount, exclude=HEAD)                                      # 1. prune
+    pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)   # 2. adapt
+    pl.mark_only_lora_trainable(model, keep=HEAD)
+    trainable = finetune_on(model, data, split["retain"], args)                                  # 3. unlearn
+    return pl.merge_lora(model), trainable
+
+
+def unlearn_lora(model, data, split, args):
+    """LoRA alone: no pruning."""
+    pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)
+    pl.mark_only_lora_trainable(model, keep=HEAD)
+    trainable = finetune_on(model, data, split["retain"], args)
+    return pl.merge_lora(model), trainable
+
+
+def unlearn_finetune(model, data, split, args):
+    """Fine-tune every weight on the retained classes."""
+    return model, finetune_on(model, data, split["retain"], args)
+
+
+def unlearn_prune_finetune(model, data, split, args):
+    """Prune, then fine-tune every weight; the masks keep pruned weights at zero."""
+    pl.prune_global(model, args.prune_amount, exclude=HEAD)
+    trainable = finetune_on(model, data, split["retain"], args)
+    return pl.merge_lora(model), trainable  # no adapters to merge: this makes the pruning permanent
+
+
+def unlearn_ga(model, data, split, args):
+    """Gradient ascent on the forget set. At fine-tuning learning rates it wrecks the whole model
+    within a few steps, so it runs at a tenth of --lr."""
+    ascent = lambda logits, labels: -F.cross_entropy(logits, labels)
+    return model, finetune_on(model, data, split["forget"], args, loss_fn=ascent, lr=args.lr / 10)
+
+
+def unlearn_rl(model, data, split, args):
+    """Random labels: forget images get a random retained class, retained images keep theirs."""
+    retained = torch.tensor([c for c in range(data.num_classes) if c not in args.forget_class], device=data.train_labels.device)
+    forget = torch.tensor(args.forget_class, device=data.train_labels.device)
+
+    def relabelled(logits, labels):
+        random = retained[torch.randint(len(retained), labels.shape, device=labels.device)]
+        return F.cross_entropy(logits, torch.where(torch.isin(labels, forget), random, labels))
+    return model, finetune_on(model, data, torch.cat([split["retain"], split["forget"]]), args, loss_fn=relabelled)
+
+
+def unlearn_retrain(model, data, split, args):
+    """Exact unlearning: train from scratch without the forget classes, with the base's settings."""
+    base_args = dict(args.base_ckpt["args"])
+    base_args.update(exclude_class=list(args.forget_class), resume=False,
+                     out=str(default_checkpoint(data.name, args.arch, args.forget_class)))
+    ckpt = train(argparse.Namespace(**base_args), data, data.train_images.device,
+                 log=lambda line: print("   ", line, flush=True))
+    model.load_state_dict(ckpt["state_dict"])
+    return model, sum(p.numel() for p in model.parameters())
+
+
+UNLEARN = {"prunelora": unlearn_prunelora, "retrain": unlearn_retrain, "finetune": unlearn_finetune,
+           "prune-finetune": unlearn_prune_finetune, "lora": unlearn_lora, "ga": unlearn_ga, "rl": unlearn_rl}
+
+# -----------------------------------------------------------------------------
+# measuring
+
+
+@torch.no_grad()
+def inference_seconds(model, data, repeats=5, batch_size=256):
+    """Median time of one forward pass over a test batch."""
+    batch = data.test_images[:batch_size]
+    predict(model, data, batch)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if batch.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        predict(model, data, batch)
+        if batch.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def run_method(method, base, data, split, args, device):
+    torch.manual_seed(args.seed)
+    model = model_from_checkpoint(base).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    model, trainable = UNLEARN[method](model, data, split, args)
+    seconds = time.time() - start
+    row = unlearning_metrics(model, data, args.forget_class, split["train"])
+    total = sum(p.numel() for p in model.parameters())
+    row.update(seconds=seconds, trainable_params=trainable, trainable_share=trainable / total,
+               sparsity=pl.sparsity(model))
+    if device.type == "cuda":
+        row["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return model, row
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_methods(text):
+    names = list(METHODS) if text == "all" else [m.strip() for m in text.split(",")]
+    for name in names:
+        if name not in METHODS:
+            raise UserError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}, a comma list of them, or all")
+    if len(set(names)) != len(names):
+        raise UserError(f"--method repeats a method ({text}); name each once")
+    return names
+
+
+def amount(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be in [0, 1)")
+    return value
+
+
+def main():
+    parser = ArgumentParser(description="Unlearn classes with PruneLoRA and baselines; print the paper's table.")
+    parser.add_argument("--forget-class", type=int, nargs="+", required=True, metavar="K")
+    parser.add_argument("--method", default="prunelora", help=f"{', '.join(METHODS)}, a comma list, or all")
+    add_data_args(parser)
+    parser.add_argument("--base", default=None, help="base checkpoint (default checkpoints/<dataset>-<arch>.pt)")
+    parser.add_argument("--epochs", type=positive_int, default=5, help="unlearning epochs (the paper's 5)")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--prune-amount", type=amount, default=0.5, help="share of weights pruned, in [0, 1)")
+    parser.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
+    parser.add_argument("--alpha", type=positive_float, default=16, help="LoRA alpha; scaling = alpha / r")
+    parser.add_argument("--lora-dropout", type=amount, default=0.1, help="dropout on the LoRA input")
+    parser.add_argument("--out-dir", default="results", help="where the .json and .md tables go")
+    add_train_args(parser, prefix="base-")
+    args = parser.parse_args()
+
+    # every check before any work, so that a mistake writes nothing
+    methods = parse_methods(args.method)
+    check_dataset_name(args.dataset)
+    build_model(args.arch, 1, 2)
+    device = pick_device(args.device)
+    base_path = Path(args.base or default_checkpoint(args.dataset, args.arch))
+    base = load_checkpoint(base_path, args.dataset, args.arch) if args.base or base_path.exists() else None
+    if base is not None and not base.get("complete", True):
+        raise UserError(f"base checkpoint {base_path} is unfinished; finish it with 'python train.py --resume --out {base_path}'")
+    data = load_dataset(args.dataset, args.data_dir)
+    check_classes(args.forget_class, data.num_classes, "--forget-class")
+    if len(args.forget_class) >= data.num_classes - 1:
+        raise UserError(f"--forget-class leaves {data.num_classes - len(args.forget_class)} class(es); at least 2 must remain")
+    tag = f"{default_checkpoint(args.dataset, args.arch).stem}-forget{'-'.join(map(str, args.forget_class))}"
+    results = Path(args.out_dir) / f"{tag}.json"
+    for path in (results, results.with_suffix(".md"), base_path, Path("checkpoints/unlearned") / f"{tag}.pt"):
+        check_writable(path)
+    data.to(device)
+
+    if base is None:
+        print(f"no base checkpoint at {base_path}: training one first with train.py's defaults", flush=True)
+        base_args = argparse.Namespace(dataset=args.dataset, arch=args.arch, epochs=args.base_epochs,
+                                       batch_size=args.base_batch_size, lr=args.base_lr, momentum=args.base_momentum,
+                                       weight_decay=args.base_weight_decay, seed=args.seed, exclude_class=[],
+                                       train_limit=args.train_limit, out=str(base_path), resume=False)
+        base = train(base_args, data, device)
+    args.base_ckpt = base
+    train_limit = base["args"].get("train_limit")
+    index = training_index(data, (), train_limit)
+    forget = torch.isin(data.train_labels[index.to(device)].cpu(), torch.tensor(args.forget_class))
+    split = dict(train=index, retain=index[~forget], forget=index[forget])
+    print(f"forgetting class {' '.join(map(str, args.forget_class))} of {data.name} "
+          f"({', '.join(data.classes[c] for c in args.forget_class)}): {len(split['forget'])} forget and "
+          f"{len(split['retain'])} retained training images, {args.arch}, on {device}", flush=True)
+
+    base_model = model_from_checkpoint(base, base_path).to(device)
+    rows = {"base": unlearning_metrics(base_model, data, args.forget_class, index)}
+    rows["base"].update(seconds=base.get("seconds"), sparsity=pl.sparsity(base_model))
+    base_inference = inference_seconds(base_model, data)
+    for method in methods:
+        print(f"{method}:", flush=True)
+        model, rows[method] = run_method(method, base, data, split, args, device)
+        rows[method]["inference_time_ratio"] = inference_seconds(model, data) / base_inference
+        save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base["args"], method=method,
+                                        forget_class=args.forget_class), metrics=rows[method]),
+                        Path("checkpoints/unlearned") / f"{tag}-{method}.pt")
+        print(f"    UA {rows[method]['UA']:.2f}  MIA {rows[method]['MIA']:.2f}  RA {rows[method]['RA']:.2f}  "
+              f"TA {rows[method]['TA']:.2f}  {rows[method]['seconds']:.1f} s", flush=True)
+    if "retrain" in rows:
+        for method in methods:
+            rows[method]["time_vs_retrain"] = rows[method]["seconds"] / rows["retrain"]["seconds"]
+
+    table = markdown_table(rows)
+    settings = {k: v for k, v in vars(args).items() if k != "base_ckpt"}
+    save_text(json.dumps(dict(settings=settings, base=str(base_path), device=str(device), results=rows), indent=2), results)
+    save_text(f"{table}\n", results.with_suffix(".md"))
+    print(f"\n{table}\n\nwritten to {results} and {results.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
