@@ -16,6 +16,7 @@ import os
 import pickle
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,11 @@ def save_atomic(path, write):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
+        try:
+            write(tmp)
+        except RuntimeError as e:  # torch.save reports a failed write (disk full, quota) as a RuntimeError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OSError(f"the write failed part-way, is the disk full? ({first})") from None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -105,6 +110,9 @@ def save_atomic(path, write):
         tmp.unlink(missing_ok=True)
         kept = "the previous file is intact" if path.exists() else "nothing was written"
         raise UserError(f"could not write {path}: {e.strerror or e}; {kept}") from None
+    except BaseException:  # Ctrl-C or a bug: still no half-written temporary left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(obj, path):
@@ -132,7 +140,9 @@ def load_checkpoint(path, dataset=None, arch=None):
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; train one with 'python train.py' or pass another path")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickles on stderr before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise UserError(f"checkpoint {path} was refused: it holds objects other than tensors and plain data "
                         "(a pickle that could run code), so it was not loaded") from None
@@ -457,14 +467,15 @@ class ViT(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Four conv layers: ~0.4 M parameters, fast enough for real-data runs on a CPU."""
+    """Four conv layers, each followed by a 2x2 max-pool but the last: ~0.4 M parameters and
+    ~10 M multiply-adds per 32x32 image, fast enough for real-data runs on a CPU."""
 
     def __init__(self, in_channels, num_classes, width=32):
         super().__init__()
         def conv(i, o):
             return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU())
         w = width
-        self.body = nn.Sequential(conv(in_channels, w), conv(w, 2 * w), nn.MaxPool2d(2),
+        self.body = nn.Sequential(conv(in_channels, w), nn.MaxPool2d(2), conv(w, 2 * w), nn.MaxPool2d(2),
                                   conv(2 * w, 4 * w), nn.MaxPool2d(2), conv(4 * w, 8 * w))
         self.head = nn.Linear(8 * w, num_classes)
 
@@ -535,10 +546,17 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
                     f"{seen / (time.time() - start):.0f} img/s")
         seconds = time.time() - start
         line = (f"epoch {epoch + 1}/{epochs}  loss {loss_sum / seen:.4f}  train {100 * correct / seen:.2f}%")
+        # the last step's update can break the model without any loss showing it: check its outputs
+        # (on the test images, else on the last batch) before the epoch counts and anything saves it
+        outputs = predict(model, data, test_images if test_images is not None else images[batch])
+        model.train()
+        if not torch.isfinite(outputs).all():
+            lr = optimizer.param_groups[0]["lr"]
+            raise Diverged(f"the model's outputs became NaN or infinite after epoch {epoch + 1}, step {steps_per_epoch} "
+                           f"(learning rate {lr:g}); the learning rate is probably too high")
         if test_images is not None:
-            test_acc = 100 * (predict(model, data, test_images).argmax(1) == test_labels).float().mean().item()
+            test_acc = 100 * (outputs.argmax(1) == test_labels).float().mean().item()
             line += f"  test {test_acc:.2f}%"
-            model.train()
         eta = (time.time() - start) * (epochs - epoch - 1)
         log(f"{line}  {seen / seconds:.0f} img/s  eta {eta / 60:.1f} min")
         if on_epoch_end is not None:
@@ -576,6 +594,24 @@ RUN_KEYS = ("dataset", "arch", "epochs", "batch_size", "lr", "momentum", "weight
 def train(args, data, device, log=print):
     """Train args.arch on data (already on device) and save args.out; returns the checkpoint dict."""
     out = Path(args.out)
+    run = {k: getattr(args, k) for k in RUN_KEYS}
+    ckpt = None
+    if args.resume:  # every check on the checkpoint before any work
+        ckpt = load_checkpoint(out, args.dataset, args.arch)
+        if ckpt.get("complete"):
+            log(f"{out} is already complete ({ckpt['epochs_done']} epochs); nothing to resume")
+            return ckpt
+        lacks = [k for k in ("args", "optimizer", "generator", "torch_rng", "epochs_done", "seconds") if k not in ckpt]
+        if lacks:
+            raise UserError(f"--resume: {out} cannot be resumed (it has no {', '.join(lacks)}); train afresh without --resume")
+        for key in RUN_KEYS:
+            if ckpt["args"].get(key) != run[key]:
+                raise UserError(f"--resume: {out} was started with {key}={ckpt['args'].get(key)!r}, "
+                                f"not {run[key]!r}; use the same settings or train afresh without --resume")
+        shape = (ckpt["num_classes"], ckpt["in_channels"])
+        if shape != (data.num_classes, data.train_images.shape[1]):
+            raise UserError(f"--resume: {out} has {shape[0]} classes and {shape[1]} channels, but {data.name} now has "
+                            f"{data.num_classes} and {data.train_images.shape[1]}; train afresh without --resume")
     torch.manual_seed(args.seed)
     model = build_model(args.arch, data.train_images.shape[1], data.num_classes).to(device)
     if device.type == "cuda":
@@ -585,21 +621,16 @@ def train(args, data, device, log=print):
     other = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([dict(params=decay, weight_decay=args.weight_decay), dict(params=other)],
                                 lr=args.lr, momentum=args.momentum, nesterov=True)
-    run = {k: getattr(args, k) for k in RUN_KEYS}
     start_epoch, seconds_before = 0, 0.0
-    if args.resume:
-        ckpt = load_checkpoint(out, args.dataset, args.arch)
-        if ckpt.get("complete"):
-            log(f"{out} is already complete ({ckpt['epochs_done']} epochs); nothing to resume")
-            return ckpt
-        for key in RUN_KEYS:
-            if ckpt["args"].get(key) != run[key]:
-                raise UserError(f"--resume: {out} was started with {key}={ckpt['args'].get(key)!r}, "
-                                f"not {run[key]!r}; use the same settings or train afresh without --resume")
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        generator.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            generator.set_state(ckpt["generator"])
+            torch.set_rng_state(ckpt["torch_rng"])
+        except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--resume: {out} does not fit this run ({first}); train afresh without --resume") from None
         start_epoch, seconds_before = ckpt["epochs_done"], ckpt["seconds"]
         log(f"resuming {out} after epoch {start_epoch}")
     index = training_index(data, args.exclude_class, args.train_limit)
@@ -617,13 +648,16 @@ def train(args, data, device, log=print):
         ckpt = checkpoint_dict(model, data, args.arch, run, test_acc=test_acc, epochs_done=epochs_done,
                                complete=complete, seconds=seconds_before + time.time() - started, **extra)
         save_checkpoint(ckpt, out)
+        saved.append(epochs_done)
 
+    saved = [start_epoch] if start_epoch else []  # epochs whose checkpoint of this run is at out
     try:
         fit(model, data, index, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
             generator=generator, lr_at=lambda step, total: warmup_cosine(step, total, args.lr),
             start_epoch=start_epoch, on_epoch_end=save, test_images=test_images, test_labels=test_labels, log=log)
     except Diverged as e:
-        kept = f"the last good checkpoint is kept at {out}" if out.exists() else "no checkpoint was written"
+        kept = (f"the checkpoint after epoch {saved[-1]} is kept at {out}" if saved else
+                f"{out} is left as it was" if out.exists() else "no checkpoint was written")
         raise Diverged(f"{e}; {kept}") from None
     ckpt = load_checkpoint(out)
     log(f"saved {out}: test accuracy {ckpt['test_acc']:.2f}% after {ckpt['seconds']:.0f} s")
