@@ -152,7 +152,7 @@ def test_unlearn_as_functions_forgets_several_classes(synthetic_dataset, base_ch
     data = train.load_dataset(dataset, data_dir)
     base = train.load_checkpoint(base_checkpoint, dataset, "cnn")
     args = argparse.Namespace(forget_class=[0, 3], prune_amount=0.5, rank=4, alpha=8, lora_dropout=0.0, lr=1e-3,
-                              lora_lr=3e-3, reset_head=1,
+                              lora_lr=3e-3, reset_head=1, depth=False,
                               epochs=3, batch_size=32, seed=0, base_ckpt=base, arch="cnn")
     index = train.training_index(data)
     forget = torch.isin(data.train_labels, torch.tensor(args.forget_class))

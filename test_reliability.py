@@ -462,10 +462,7 @@ MISTAKES = {
     "evaluate-other-arch-checkpoint": (E, "{in}/other-arch.pt --forget-class 1 --data-dir {data_dir}", "resnet18"),
     "evaluate-negative-train-limit": (E, "{base} --forget-class 1 --data-dir {data_dir} --train-limit -5", "--train-limit"),
 }
-KNOWN_BUGS = {  # mistakes that evaluate.py does not catch yet: strict, so fixing one makes its test say so
-    "evaluate-negative-train-limit": "evaluate.py declares --train-limit type=int, not positive_int: "
-                                     "-5 silently measures a shrunken subset (and 0 is silently ignored)",
-}
+KNOWN_BUGS = {}  # mistakes a script does not catch yet: strict xfails, so fixing one makes its test say so
 
 
 @pytest.fixture(scope="module")

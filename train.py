@@ -56,24 +56,22 @@ def run_cli(main):
         sys.exit(1)
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be a positive whole number")
-    return value
+def number(kind, allowed, ok):
+    """An argparse type: text -> kind, refused with 'VALUE is not allowed; it must be ALLOWED'."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be {allowed}")
+        return value
+    return parse
 
 
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be a positive number")
-    return value
+positive_int = number(int, "a positive whole number", lambda v: v > 0)
+positive_float = number(float, "a positive number", lambda v: v > 0 and math.isfinite(v))
+fraction = number(float, "in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def pick_device(name):
@@ -156,6 +154,14 @@ def load_checkpoint(path, dataset=None, arch=None):
             raise UserError(f"checkpoint {path} is for {key} {ckpt[key]!r}, not {wanted!r}; "
                             f"pass --{key} {ckpt[key]} or another checkpoint")
     return ckpt
+
+
+def check_checkpoint_fits(ckpt, data, path):
+    """The checkpoint's classes and channels must be the dataset's (a folder may have changed since)."""
+    shape = (ckpt["num_classes"], ckpt["in_channels"])
+    if shape != (data.num_classes, data.train_images.shape[1]):
+        raise UserError(f"checkpoint {path} has {shape[0]} classes and {shape[1]} channels, but {data.name} has "
+                        f"{data.num_classes} and {data.train_images.shape[1]}; use a checkpoint trained on this data")
 
 
 def model_from_checkpoint(ckpt, path="checkpoint"):
@@ -329,16 +335,18 @@ def make_batch(data, images, index, generator=None):
 
 
 @torch.no_grad()
-def predict(model, data, images, batch_size=1000):
-    """Logits (N, classes) in fp32, in eval mode, no augmentation."""
+def predict(model, data, images, batch_size=1000, features=False):
+    """Logits (N, classes), or with features=True the penultimate features (N, D), in fp32,
+    in eval mode, without augmentation."""
     was_training = model.training
     model.eval()
+    forward = model.features if features else model
     device = images.device
     with autocast(device):
-        logits = [model(make_batch(data, images, torch.arange(i, min(i + batch_size, len(images)), device=device))).float()
-                  for i in range(0, len(images), batch_size)]
+        outputs = [forward(make_batch(data, images, torch.arange(i, min(i + batch_size, len(images)), device=device))).float()
+                   for i in range(0, len(images), batch_size)]
     model.train(was_training)
-    return torch.cat(logits) if logits else torch.zeros(0, data.num_classes, device=device)
+    return torch.cat(outputs) if outputs else torch.zeros(0, data.num_classes, device=device)
 
 # -----------------------------------------------------------------------------
 # models: every one names its classifier "head", so exclude=("head",) means the same everywhere
@@ -608,10 +616,7 @@ def train(args, data, device, log=print):
             if ckpt["args"].get(key) != run[key]:
                 raise UserError(f"--resume: {out} was started with {key}={ckpt['args'].get(key)!r}, "
                                 f"not {run[key]!r}; use the same settings or train afresh without --resume")
-        shape = (ckpt["num_classes"], ckpt["in_channels"])
-        if shape != (data.num_classes, data.train_images.shape[1]):
-            raise UserError(f"--resume: {out} has {shape[0]} classes and {shape[1]} channels, but {data.name} now has "
-                            f"{data.num_classes} and {data.train_images.shape[1]}; train afresh without --resume")
+        check_checkpoint_fits(ckpt, data, out)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, data.train_images.shape[1], data.num_classes).to(device)
     if device.type == "cuda":

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 
 import prunelora as pl
-from evaluate import markdown_table, unlearning_metrics
-from train import (ArgumentParser, UserError, add_data_args, add_train_args, autocast, build_model, check_classes,
-                   check_dataset_name, check_writable, checkpoint_dict, default_checkpoint, fit, load_checkpoint, load_dataset,
-                   make_batch, model_from_checkpoint, pick_device, positive_float, positive_int, predict, run_cli,
-                   save_checkpoint, save_text, train, training_index, warmup_cosine)
+from evaluate import depth_metrics, markdown_table, unlearning_metrics
+from train import (ArgumentParser, UserError, add_data_args, add_train_args, autocast, build_model,
+                   check_checkpoint_fits, check_classes, check_dataset_name, check_writable, checkpoint_dict,
+                   default_checkpoint, fit, fraction, load_checkpoint, load_dataset, make_batch, model_from_checkpoint,
+                   pick_device, positive_float, positive_int, predict, run_cli, save_checkpoint, save_text, train,
+                   training_index, warmup_cosine)
 
 HEAD = ("head",)  # every architecture in train.py names its classifier "head"
 METHODS = ("prunelora", "retrain", "finetune", "prune-finetune", "lora", "ga", "rl")
@@ -193,6 +194,8 @@ def run_method(method, base, data, split, args, device):
     model, trainable = UNLEARN[method](model, data, split, args)
     seconds = time.time() - start
     row = unlearning_metrics(model, data, args.forget_class, split["train"])
+    if args.depth:
+        row.update(depth_metrics(model, data, args.forget_class, split["train"], seed=args.seed))
     total = sum(p.numel() for p in model.parameters())
     row.update(seconds=seconds, trainable_params=trainable, trainable_share=trainable / total,
                sparsity=pl.sparsity(model))
@@ -214,16 +217,6 @@ def parse_methods(text):
     return names
 
 
-def amount(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be in [0, 1)")
-    return value
-
-
 def main():
     parser = ArgumentParser(description="Unlearn classes with PruneLoRA and baselines; print the paper's table.")
     parser.add_argument("--forget-class", type=int, nargs="+", required=True, metavar="K")
@@ -235,13 +228,15 @@ def main():
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate of the full-weight methods")
     parser.add_argument("--lora-lr", type=positive_float, default=3e-3,
                         help="Adam learning rate of prunelora and lora (few parameters take larger steps)")
-    parser.add_argument("--prune-amount", type=amount, default=0.5, help="share of weights pruned, in [0, 1)")
+    parser.add_argument("--prune-amount", type=fraction, default=0.5, help="share of weights pruned, in [0, 1)")
     parser.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
     parser.add_argument("--alpha", type=positive_float, default=16, help="LoRA alpha; scaling = alpha / r")
-    parser.add_argument("--lora-dropout", type=amount, default=0.1, help="dropout on the LoRA input")
+    parser.add_argument("--lora-dropout", type=fraction, default=0.1, help="dropout on the LoRA input")
     parser.add_argument("--reset-head", type=int, choices=(0, 1), default=1,
                         help="1: re-initialise the forget classes' head rows before fine-tuning on retained data "
                         "(prunelora, lora, finetune, prune-finetune); 0: keep them, as the paper does")
+    parser.add_argument("--depth", action="store_true",
+                        help="also measure forgetting depth: relearn steps and linear-probe accuracy (slower)")
     parser.add_argument("--bench-steps", type=positive_int, default=None, metavar="N",
                         help="instead of unlearning, time N training steps of finetune, lora and prunelora on one batch")
     parser.add_argument("--out-dir", default="results", help="where the .json and .md tables go")
@@ -258,6 +253,8 @@ def main():
     if base is not None and not base.get("complete", True):
         raise UserError(f"base checkpoint {base_path} is unfinished; finish it with 'python train.py --resume --out {base_path}'")
     data = load_dataset(args.dataset, args.data_dir)
+    if base is not None:
+        check_checkpoint_fits(base, data, base_path)
     check_classes(args.forget_class, data.num_classes, "--forget-class")
     if len(args.forget_class) >= data.num_classes - 1:
         raise UserError(f"--forget-class leaves {data.num_classes - len(args.forget_class)} class(es); at least 2 must remain")
@@ -294,6 +291,8 @@ def main():
     base_model = model_from_checkpoint(base, base_path).to(device)
     rows = {"base": unlearning_metrics(base_model, data, args.forget_class, index)}
     rows["base"].update(seconds=base.get("seconds"), sparsity=pl.sparsity(base_model))
+    if args.depth:
+        rows["base"].update(depth_metrics(base_model, data, args.forget_class, index, seed=args.seed))
     base_inference = inference_seconds(base_model, data)
     for method in methods:
         print(f"{method}:", flush=True)

@@ -1,0 +1,155 @@
+"""Tests of the forgetting-depth measures in evaluate.py: they must tell hiding a class from forgetting it.
+
+The hidden model is the base with its forget row of the head switched off (weight 0, bias -1e9):
+UA = 100, yet its features are the base's. Retrain never saw the class. Measured on the synthetic
+data (dataset seeds 0-2, training seeds 0-2, relearn seeds 0-2): the base and hidden models relearn
+class 3 in 1-3 SGD steps, Retrain in 12-18, so the tests ask for a 3x gap. The linear probe finds
+the class at 100% in all three: it is simply visible in these images, even to Retrain's features.
+"""
+import argparse
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import evaluate
+import train
+
+FORGET = [3]
+
+
+def train_cnn(dataset, data, out, exclude=()):
+    args = argparse.Namespace(dataset=dataset, arch="cnn", epochs=3, batch_size=32, lr=0.05, momentum=0.9,
+                              weight_decay=5e-4, seed=0, exclude_class=list(exclude), train_limit=None,
+                              out=str(out), resume=False)
+    return train.train(args, data, torch.device("cpu"), log=lambda line: None)
+
+
+def hide(model, classes):
+    """Head-row zeroing: the classes' logits become -1e9, the features are untouched."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.head.weight[classes] = 0
+        model.head.bias[classes] = -1e9
+    return model
+
+
+class Blind(nn.Module):
+    """Features that carry nothing: the floor of both measures."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.head = nn.Linear(8, num_classes)
+
+    def features(self, x):
+        return x.new_ones(len(x), 8)  # (B, 8)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.fixture(scope="module")
+def models(synthetic_dataset, tmp_path_factory):
+    """data, {base, hidden, retrain}, and the base checkpoint's path (for the command line)."""
+    dataset, data_dir = synthetic_dataset
+    data = train.load_dataset(dataset, data_dir)
+    folder = tmp_path_factory.mktemp("depth")
+    base = train.model_from_checkpoint(train_cnn(dataset, data, folder / "base.pt"))
+    retrain = train.model_from_checkpoint(train_cnn(dataset, data, folder / "retrain.pt", exclude=FORGET))
+    return data, dict(base=base, hidden=hide(base, FORGET), retrain=retrain), folder / "base.pt"
+
+
+def test_hidden_model_passes_accuracy_metrics(models):
+    data, m, _ = models
+    hidden = evaluate.unlearning_metrics(m["hidden"], data, FORGET)
+    assert hidden["UA"] == 100 and hidden["forget_test_acc"] == 0
+    assert hidden["TA"] >= 90  # the retained classes are as good as the base's
+
+
+@pytest.fixture(scope="module")
+def depth(models):
+    """depth_metrics of base, hidden and Retrain, with the default seed."""
+    data, m, _ = models
+    return {name: evaluate.depth_metrics(model, data, FORGET) for name, model in m.items()}
+
+
+def test_hidden_model_relearns_like_the_base_and_far_faster_than_retrain(depth):
+    steps = {name: d["relearn_steps"] for name, d in depth.items()}
+    print(steps)
+    assert steps["hidden"] == steps["base"]  # the reset head row makes them the same model
+    assert 3 * steps["hidden"] <= steps["retrain"] < 100
+
+
+def test_probe_finds_the_hidden_class(depth):
+    probe = {name: d["probe_acc"] for name, d in depth.items()}
+    print(probe)
+    assert probe["hidden"] == probe["base"] >= 90  # same features, same probe
+    assert probe["hidden"] >= probe["retrain"]
+
+
+def test_without_the_head_reset_hiding_is_unrelearnable(models):
+    """Why relearn_steps resets the head: a -1e9 bias survives any number of steps, and would read as deep forgetting."""
+    data, m, _ = models
+    assert evaluate.relearn_steps(m["hidden"], data, FORGET, cap=5, reset_head=False) == 5
+    assert evaluate.relearn_steps(m["base"], data, FORGET, cap=5, reset_head=False) == 0
+
+
+def test_features_that_carry_nothing_give_the_floor(models):
+    """Probe 50; and no relearning, though such a model could reach 100% forget accuracy by calling every image the class."""
+    data, _, _ = models
+    torch.manual_seed(0)
+    blind = Blind(data.num_classes)
+    assert evaluate.probe_accuracy(blind, data, FORGET) == 50
+    assert evaluate.relearn_steps(blind, data, FORGET, cap=20) == 20
+
+
+def test_two_hidden_classes_relearn_fast(models):
+    data, m, _ = models
+    assert evaluate.relearn_steps(hide(m["base"], [2, 3]), data, [2, 3]) <= 5
+
+
+def test_cap_is_returned_when_not_relearned(models):
+    data, m, _ = models
+    assert evaluate.relearn_steps(m["retrain"], data, FORGET, cap=2) == 2
+
+
+def test_measures_leave_the_model_untouched(models):
+    data, m, _ = models
+    model = m["hidden"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    evaluate.depth_metrics(model, data, FORGET)
+    assert not model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_depth_metrics_are_deterministic(models, depth):
+    data, m, _ = models
+    assert evaluate.depth_metrics(m["retrain"], data, FORGET) == depth["retrain"]
+    assert set(depth["retrain"]) == {"relearn_steps", "probe_acc"}
+
+
+def test_train_index_without_the_forget_class_is_refused(models):
+    data, m, _ = models
+    retained = torch.nonzero(data.train_labels != FORGET[0]).flatten()
+    with pytest.raises(train.UserError):
+        evaluate.relearn_steps(m["base"], data, FORGET, retained)
+    with pytest.raises(train.UserError):
+        evaluate.probe_accuracy(m["base"], data, FORGET, retained)
+
+
+def test_command_line_prints_depth_columns(models, synthetic_dataset):
+    _, data_dir = synthetic_dataset
+    _, _, checkpoint = models
+    result = subprocess.run([sys.executable, "evaluate.py", str(checkpoint), "--forget-class", "3", "--depth",
+                             "--data-dir", data_dir, "--device", "cpu"],
+                            capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120)
+    assert result.returncode == 0, result.stderr
+    header, _, row = result.stdout.strip().splitlines()[-3:]
+    assert "relearn steps" in header and "probe acc" in header
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert int(cells[-2]) >= 0 and 0 <= float(cells[-1]) <= 100
