@@ -240,7 +240,7 @@ def depth_metrics(model, data, forget_classes, train_index=None, seed=0):
 
 COLUMNS = [("UA", "UA", "{:.2f}"), ("MIA", "MIA", "{:.2f}"), ("RA", "RA", "{:.2f}"), ("TA", "TA", "{:.2f}"),
            ("forget_test_acc", "forget test acc", "{:.2f}"), ("seconds", "seconds", "{:.1f}"),
-           ("time_vs_retrain", "time / Retrain", "{:.3f}"), ("trainable_params", "trainable params", "{:,}"),
+           ("time_vs_retrain", "time / Retrain", "{:.3f}"), ("step_time_vs_finetune", "step time / finetune", "{:.2f}"), ("trainable_params", "trainable params", "{:,}"),
            ("trainable_share", "trainable share", "{:.4f}"), ("sparsity", "sparsity", "{:.4f}"),
            ("inference_time_ratio", "inference time / base", "{:.2f}"), ("peak_memory_mb", "peak GPU MB", "{:.0f}"),
            ("relearn_steps", "relearn steps", "{}"), ("probe_acc", "probe acc", "{:.2f}")]

@@ -130,12 +130,25 @@ def test_unlearn_all_methods_from_the_command_line(synthetic_dataset, base_check
     for method in unlearn.METHODS:
         assert {"UA", "MIA", "RA", "TA", "forget_test_acc", "seconds", "trainable_params", "sparsity"} <= set(rows[method])
         assert f"| {method} |" in result.stdout and f"| {method} |" in json_path.with_suffix(".md").read_text()
+    for method in ("prunelora", "lora", "finetune"):
+        assert rows[method]["step_time_vs_finetune"] > 0
+    assert rows["finetune"]["step_time_vs_finetune"] == 1
     assert rows["retrain"]["UA"] == 100  # never saw the class: it cannot name it
     assert rows["prunelora"]["sparsity"] == pytest.approx(0.5, abs=0.02)  # head stays dense
     assert rows["prunelora"]["trainable_params"] < rows["finetune"]["trainable_params"] / 5
     # each unlearned model is saved merged: its state_dict loads strictly into the bare architecture
     saved = torch.load(tmp_path / "checkpoints" / "unlearned" / f"{json_path.stem}-prunelora.pt", weights_only=True)
     train.build_model("cnn", 3, 4).load_state_dict(saved["state_dict"], strict=True)
+
+
+def test_bench_steps_prints_step_time_ratios(synthetic_dataset, base_checkpoint, tmp_path):
+    dataset, data_dir = synthetic_dataset
+    result = run("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--base", base_checkpoint, "--arch", "cnn",
+                 "--forget-class", "1", "--bench-steps", "2", "--batch-size", "16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if "ms/step" in line}
+    assert set(lines) == {"finetune", "lora", "prunelora"} and "1.00 x finetune" in lines["finetune"]
+    assert not (tmp_path / "results").exists()  # a benchmark writes nothing
 
 
 def test_unlearn_trains_a_base_model_when_there_is_none(synthetic_dataset, tmp_path):
