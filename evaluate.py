@@ -68,19 +68,22 @@ def mia_efficacy(train_scores_retain, test_scores_retain, forget_scores, seed=0)
     return percent(forget_scores < threshold)
 
 
+def forget_mask(labels, forget_classes):
+    return torch.isin(labels, torch.tensor(list(forget_classes), dtype=torch.long, device=labels.device))
+
+
 def unlearning_metrics(model, data, forget_classes, train_index=None):
     """UA, MIA, RA, TA and the forget classes' test accuracy, in percent.
 
     train_index: the training images the model was trained on (the --train-limit subset); all by default."""
     device = data.train_images.device
-    forget = torch.tensor(list(forget_classes), dtype=torch.long, device=device)
     if train_index is None:
         train_index = torch.arange(len(data.train_labels))
     train_index = train_index.to(device)
     train_labels = data.train_labels[train_index]
     train_logits = predict(model, data, data.train_images[train_index])
     test_logits = predict(model, data, data.test_images)
-    train_forget, test_forget = torch.isin(train_labels, forget), torch.isin(data.test_labels, forget)
+    train_forget, test_forget = forget_mask(train_labels, forget_classes), forget_mask(data.test_labels, forget_classes)
     train_correct = train_logits.argmax(1) == train_labels
     test_correct = test_logits.argmax(1) == data.test_labels
     train_scores = true_label_log_prob(train_logits, train_labels)
@@ -101,10 +104,6 @@ def unlearning_metrics(model, data, forget_classes, train_index=None):
 #   relearn_steps  SGD steps on a few forget images until the class is recognised again (fewer: shallower)
 #   probe_acc      a linear probe on the frozen features tells forget-class images from retained ones
 #                  (higher: the class is still in the features; about 50: they cannot tell it apart)
-
-
-def forget_mask(labels, forget_classes):
-    return torch.isin(labels, torch.tensor(list(forget_classes), dtype=torch.long, device=labels.device))
 
 
 def reset_head_rows(model, classes):
