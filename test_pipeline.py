@@ -195,3 +195,18 @@ def test_prunelora_forgets_a_fashion_mnist_class_and_keeps_the_rest(tmp_path):
     rows = json.loads((tmp_path / "results" / "fashion-mnist-cnn-forget3.json").read_text())["results"]
     assert rows["prunelora"]["UA"] >= 99
     assert rows["prunelora"]["RA"] >= rows["base"]["RA"] - 5
+
+
+def test_a_dataset_that_cannot_be_downloaded_is_one_clear_error_and_leaves_no_folder(tmp_path, monkeypatch):
+    import torchvision
+
+    class MNIST:  # what torchvision does without a network: makes its folders, then fails
+        def __init__(self, root, train, download):
+            if download:
+                (Path(root) / "MNIST" / "raw").mkdir(parents=True)
+                raise OSError("Name or service not known")
+            raise RuntimeError("Dataset not found. You can use download=True to download it")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", MNIST)
+    with pytest.raises(train.UserError, match="could not be downloaded.*--data-dir.*folder:PATH"):
+        train.load_dataset("mnist", tmp_path / "data")
+    assert not (tmp_path / "data").exists()

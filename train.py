@@ -227,6 +227,9 @@ def load_dataset(name, data_dir="data"):
 def load_torchvision(name, data_dir):
     import torchvision  # here, so that prunelora users who only import models need no torchvision
     cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[name][0])
+    # folders torchvision makes before a download; removed again if it fails, so a failure writes nothing
+    folders = [Path(data_dir), Path(data_dir) / cls.__name__, Path(data_dir) / cls.__name__ / "raw"]
+    new_folders = [f for f in folders if not f.exists()]
     splits = {}
     for train in (True, False):
         try:
@@ -235,6 +238,9 @@ def load_torchvision(name, data_dir):
             except RuntimeError:
                 ds = cls(data_dir, train=train, download=True)
         except Exception as e:
+            for folder in reversed(new_folders):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"dataset {name} is not under {Path(data_dir).resolve()} and could not be downloaded "
                             f"({reason}); connect to the internet, point --data-dir at a folder that holds it, "
