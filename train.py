@@ -309,12 +309,15 @@ def balanced_subset(labels, limit, num_classes):
     return torch.cat(index).sort().values
 
 
-def check_classes(classes, num_classes, flag):
+def check_classes(classes, num_classes, flag, must_leave=0):
+    """Each class in range and named once; with must_leave, that many classes remain without them."""
     for c in classes:
         if not 0 <= c < num_classes:
             raise UserError(f"{flag} {c} is out of range; allowed: 0 to {num_classes - 1}")
     if len(set(classes)) != len(classes):
         raise UserError(f"{flag} repeats a class ({' '.join(map(str, classes))}); name each class once")
+    if num_classes - len(classes) < must_leave:
+        raise UserError(f"{flag} leaves {num_classes - len(classes)} class(es); at least {must_leave} must remain")
 
 
 def random_crop_flip(x, generator, flip, pad=4):
@@ -719,9 +722,7 @@ def main():
     check_writable(args.out)
     device = pick_device(args.device)
     data = load_dataset(args.dataset, args.data_dir)
-    check_classes(args.exclude_class, data.num_classes, "--exclude-class")
-    if len(args.exclude_class) >= data.num_classes - 1:
-        raise UserError(f"--exclude-class leaves {data.num_classes - len(args.exclude_class)} class(es); at least 2 must remain")
+    check_classes(args.exclude_class, data.num_classes, "--exclude-class", must_leave=2)
     train(args, data.to(device), device)
 
 

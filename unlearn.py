@@ -156,7 +156,7 @@ def bench_step_times(base, data, split, args, device, steps):
     }
     rows = {}
     for name, setup in setups.items():
-        model = model_from_checkpoint(base).to(device)
+        model = fresh_model(base, device)
         setup(model)
         if name != "finetune":
             pl.mark_only_lora_trainable(model, keep=HEAD)
@@ -184,11 +184,16 @@ def bench_step_times(base, data, split, args, device, steps):
     return rows
 
 
+def fresh_model(base, device):
+    """A new copy of the base model on the device (channels_last on CUDA, as train.py trains it)."""
+    model = model_from_checkpoint(base).to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
 def run_method(method, base, data, split, args, device):
     torch.manual_seed(args.seed)
-    model = model_from_checkpoint(base).to(device)
+    model = fresh_model(base, device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
     model, trainable = UNLEARN[method](model, data, split, args)
@@ -255,9 +260,7 @@ def main():
     data = load_dataset(args.dataset, args.data_dir)
     if base is not None:
         check_checkpoint_fits(base, data, base_path)
-    check_classes(args.forget_class, data.num_classes, "--forget-class")
-    if len(args.forget_class) >= data.num_classes - 1:
-        raise UserError(f"--forget-class leaves {data.num_classes - len(args.forget_class)} class(es); at least 2 must remain")
+    check_classes(args.forget_class, data.num_classes, "--forget-class", must_leave=2)
     tag = f"{default_checkpoint(args.dataset, args.arch).stem}-forget{'-'.join(map(str, args.forget_class))}"
     results = Path(args.out_dir) / f"{tag}.json"
     for path in (results, results.with_suffix(".md"), base_path, Path("checkpoints/unlearned") / f"{tag}.pt"):
