@@ -93,6 +93,7 @@ def prune_global(model, amount, exclude=()):
 
     Global (not per layer) so that layers with many small weights lose more. Uses
     torch.nn.utils.prune, so each layer gets a weight_mask buffer and a weight_orig parameter.
+    Pruning again prunes that share of the weights still left, as torch.nn.utils.prune does.
     Returns the sparsity reached over the pruned weights.
     """
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < 1:
@@ -102,12 +103,22 @@ def prune_global(model, amount, exclude=()):
     if not layers:
         raise ValueError("the model has no Conv2d or Linear layer to prune (after exclude="
                          f"{tuple(exclude)!r}); allowed: a model with at least one such layer")
-    targets = [(m, "weight") for _, m in layers]  # a wrapped layer's frozen base is found as "<name>.base"
-    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=float(amount))
-    for m, _ in targets:
+    modules = [m for _, m in layers]  # a wrapped layer's frozen base is found as "<name>.base"
+    # The global threshold by hand rather than prune.global_unstructured, which flattens every weight
+    # with .view(-1) and so fails on channels_last weights. The same choice: the round(amount * n)
+    # smallest |w| among the weights not pruned yet, over all layers together (ties as torch.topk breaks them).
+    weights = [_effective_weight(m).detach() for m in modules]
+    scores = torch.cat([w.abs().reshape(-1) for w in weights])                    # (n,), any memory layout
+    alive = torch.cat([(_mask(m) if _mask(m) is not None else torch.ones_like(w)).reshape(-1)
+                       for m, w in zip(modules, weights)]).bool()                 # (n,) not pruned before
+    candidates = alive.nonzero().squeeze(1)
+    smallest = torch.topk(scores[candidates], round(float(amount) * len(candidates)), largest=False).indices
+    keep = alive.clone()
+    keep[candidates[smallest]] = False
+    for m, w, part in zip(modules, weights, keep.split([w.numel() for w in weights])):
+        prune.custom_from_mask(m, "weight", part.reshape(w.shape).to(w.dtype))  # weight = weight_orig * mask
         _detach_pruned_weight(m)
-    zeros = sum(int((_mask(m) == 0).sum()) for m, _ in targets)
-    return zeros / sum(_mask(m).numel() for m, _ in targets)
+    return int((~keep).sum()) / len(keep)
 
 
 def sparsity(model):

@@ -118,6 +118,36 @@ def test_prune_global_hits_the_requested_amount(amount):
     assert not hasattr(model[7], "weight_mask")  # the head stays dense
 
 
+@pytest.mark.parametrize("amount", [0.3, 0.5, 0.9])
+def test_prune_global_picks_the_weights_torch_global_unstructured_picks(amount):
+    from torch.nn.utils import prune
+    model, reference = small_net(), small_net()
+    pl.prune_global(model, amount, exclude=HEAD)
+    layers = [m for m in reference.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][:-1]
+    prune.global_unstructured([(m, "weight") for m in layers], pruning_method=prune.L1Unstructured, amount=amount)
+    mine = [m.weight_mask for m in model.modules() if hasattr(m, "weight_mask")]
+    assert len(mine) == len(layers) and all(torch.equal(a, m.weight_mask) for a, m in zip(mine, layers))
+    pl.prune_global(model, 0.5, exclude=HEAD)  # again: half of what is left, as torch does it
+    prune.global_unstructured([(m, "weight") for m in layers], pruning_method=prune.L1Unstructured, amount=0.5)
+    mine = [m.weight_mask for m in model.modules() if hasattr(m, "weight_mask")]
+    assert all(torch.equal(a, m.weight_mask) for a, m in zip(mine, layers))
+
+
+def test_a_channels_last_model_prunes_adapts_and_merges_like_a_contiguous_one():
+    """torch's global_unstructured cannot flatten channels_last weights; prune_global can."""
+    model, fast = small_net(), small_net().to(memory_format=torch.channels_last)
+    for m in (model, fast):
+        pl.prune_global(m, 0.5, exclude=HEAD)
+        pl.add_lora(m, r=4, alpha=8, exclude=HEAD)
+        torch.manual_seed(3)
+        randomize_factors(m)  # the same draws for both
+    masks = [m.weight_mask for m in model.modules() if hasattr(m, "weight_mask")]
+    assert all(torch.equal(a, b.weight_mask) for a, b in zip(masks, [m for m in fast.modules() if hasattr(m, "weight_mask")]))
+    out = fast(x.contiguous(memory_format=torch.channels_last))
+    assert close(out, model(x))
+    assert close(pl.merge_lora(fast)(x), out) and pl.sparsity(fast) == pl.sparsity(pl.merge_lora(model))
+
+
 def test_pruning_is_global_not_per_layer():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     with torch.no_grad():
