@@ -20,9 +20,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from train import (ArgumentParser, UserError, autocast, check_checkpoint_fits, check_classes, load_checkpoint,
-                   load_dataset, make_batch, model_from_checkpoint, pick_device, positive_int, predict, run_cli,
-                   training_index)
+from checkpoints import check_checkpoint_fits, load_checkpoint, model_from_checkpoint
+from cli import ArgumentParser, UserError, autocast, pick_device, positive_int, run_cli
+from data import check_classes, load_dataset, make_batch, predict, training_index
+from models import to_device
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -275,7 +276,7 @@ def main():
     device = pick_device(args.device)
     data = load_dataset(ckpt["dataset"], args.data_dir)
     check_checkpoint_fits(ckpt, data, args.checkpoint)
-    model = model_from_checkpoint(ckpt, args.checkpoint).to(device)
+    model = to_device(model_from_checkpoint(ckpt, args.checkpoint), device)
     data.mean, data.std = ckpt["mean"], ckpt["std"]  # the normalisation the model was trained with
     train_limit = args.train_limit or ckpt.get("args", {}).get("train_limit")
     index = training_index(data, (), train_limit)

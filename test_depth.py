@@ -16,6 +16,9 @@ import pytest
 import torch
 from torch import nn
 
+import checkpoints
+import cli
+import data as data_module
 import evaluate
 import train
 
@@ -56,10 +59,10 @@ class Blind(nn.Module):
 def models(synthetic_dataset, tmp_path_factory):
     """data, {base, hidden, retrain}, and the base checkpoint's path (for the command line)."""
     dataset, data_dir = synthetic_dataset
-    data = train.load_dataset(dataset, data_dir)
+    data = data_module.load_dataset(dataset, data_dir)
     folder = tmp_path_factory.mktemp("depth")
-    base = train.model_from_checkpoint(train_cnn(dataset, data, folder / "base.pt"))
-    retrain = train.model_from_checkpoint(train_cnn(dataset, data, folder / "retrain.pt", exclude=FORGET))
+    base = checkpoints.model_from_checkpoint(train_cnn(dataset, data, folder / "base.pt"))
+    retrain = checkpoints.model_from_checkpoint(train_cnn(dataset, data, folder / "retrain.pt", exclude=FORGET))
     return data, dict(base=base, hidden=hide(base, FORGET), retrain=retrain), folder / "base.pt"
 
 
@@ -136,9 +139,9 @@ def test_depth_metrics_are_deterministic(models, depth):
 def test_train_index_without_the_forget_class_is_refused(models):
     data, m, _ = models
     retained = torch.nonzero(data.train_labels != FORGET[0]).flatten()
-    with pytest.raises(train.UserError):
+    with pytest.raises(cli.UserError):
         evaluate.relearn_steps(m["base"], data, FORGET, retained)
-    with pytest.raises(train.UserError):
+    with pytest.raises(cli.UserError):
         evaluate.probe_accuracy(m["base"], data, FORGET, retained)
 
 

@@ -26,7 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
+import checkpoints
+import cli
+import models
 
 ROOT = Path(__file__).resolve().parent
 # One thread per subprocess, and independent runs side by side: every run pays ~3 s of imports
@@ -112,8 +114,8 @@ def assert_one_line_error(result, status=2):
 def load_valid_checkpoint(path):
     """A whole checkpoint: loads with weights_only=True, has the keys, and its weights fit its model."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert all(k in ckpt for k in train.CHECKPOINT_KEYS), sorted(ckpt)
-    model = train.build_model(ckpt["arch"], ckpt["in_channels"], ckpt["num_classes"])
+    assert all(k in ckpt for k in checkpoints.CHECKPOINT_KEYS), sorted(ckpt)
+    model = models.build_model(ckpt["arch"], ckpt["in_channels"], ckpt["num_classes"])
     model.load_state_dict(ckpt["state_dict"])
     return ckpt, model
 
@@ -171,7 +173,7 @@ class RunsCode:
 
 
 def write_hostile(path, marker, how):
-    obj = {key: 0 for key in train.CHECKPOINT_KEYS} | {"state_dict": RunsCode(marker)}
+    obj = {key: 0 for key in checkpoints.CHECKPOINT_KEYS} | {"state_dict": RunsCode(marker)}
     if how == "torch.save":
         torch.save(obj, path)
     else:
@@ -277,10 +279,10 @@ def test_unlearn_killed_while_saving_leaves_results_and_checkpoints_whole(tmp_pa
     """SIGKILL unlearn.py while it writes an unlearned checkpoint, and while it writes its results JSON."""
     moments = ("during-checkpoint-save", "during-results-save")
     outcomes = together(*[lambda m=m: kill_unlearn_at(m, tmp_path / m, data_args, base) for m in moments])
-    for moment, (json_path, previous, checkpoints) in zip(moments, outcomes):
+    for moment, (json_path, previous, saved) in zip(moments, outcomes):
         data = json_path.read_bytes()
         assert data == previous or "results" in json.loads(data), moment
-        for path in checkpoints:
+        for path in saved:
             ckpt, _ = load_valid_checkpoint(path)
             assert "metrics" in ckpt, moment
     assert outcomes[1][2], "the results are saved after the checkpoints: some must exist"
@@ -434,6 +436,11 @@ MISTAKES = {
                                              "--resume --out {in}/five-classes.pt", "{in}/five-classes.pt has 5 classes"),
     "train-folder-without-train": (T, "--dataset folder:{in}/notrain --arch cnn", "{in}/notrain has no train/"),
     "train-classes-differ": (T, "--dataset folder:{in}/mismatch --arch cnn", "dog, eel"),
+    "train-zero-width": (T, "{data} --arch resnet18 --width 0", "--width: 0"),
+    "train-negative-width": (T, "{data} --arch resnet18 --width -16", "--width: -16"),
+    "train-fractional-width": (T, "{data} --arch resnet18 --width 1.5", "'1.5'"),
+    "train-width-of-the-cnn": (T, "{data} --arch cnn --width 16", "--width 16"),
+    "unlearn-width-other-than-the-base": (U, "{data} --arch cnn --base {base} --forget-class 1 --width 8", "--width 8"),
     "train-unwritable-out": (T, "{data} --arch cnn --out {tmp}/somefile/x.pt", "{tmp}/somefile"),
     "unlearn-class-out-of-range": (U, "{data} --arch cnn --base {base} --forget-class 4", "--forget-class 4"),
     "unlearn-class-repeated": (U, "{data} --arch cnn --base {base} --forget-class 1 1", "1 1"),
@@ -519,17 +526,17 @@ def write_then_fail(obj, path, *args, **kwargs):
 @pytest.mark.parametrize("saver", ["checkpoint", "text"])
 @pytest.mark.parametrize("had_previous", [True, False], ids=["over-a-previous-file", "new-file"])
 def test_a_save_that_fails_on_a_full_disk_keeps_the_previous_file_and_no_temporary(saver, had_previous, tmp_path, monkeypatch):
-    """torch.save / write_text fail part-way with ENOSPC: train.UserError says what is kept."""
+    """torch.save / write_text fail part-way with ENOSPC: cli.UserError says what is kept."""
     path = tmp_path / "out.file"
     if had_previous:
         path.write_bytes(b"the previous, complete file")
     if saver == "checkpoint":
         monkeypatch.setattr(torch, "save", write_then_fail)
-        save = lambda: train.save_checkpoint({"w": torch.ones(3)}, path)
+        save = lambda: checkpoints.save_checkpoint({"w": torch.ones(3)}, path)
     else:
         monkeypatch.setattr(Path, "write_text", lambda self, text, *a, **k: write_then_fail(text, self))
-        save = lambda: train.save_text("new text", path)
-    with pytest.raises(train.UserError) as error:
+        save = lambda: checkpoints.save_text("new text", path)
+    with pytest.raises(cli.UserError) as error:
         save()
     message = str(error.value)
     assert str(path) in message and "No space left on device" in message

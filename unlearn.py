@@ -11,24 +11,27 @@ and .md, plus each unlearned model, merged, as checkpoints/unlearned/...-<method
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import prunelora as pl
+from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
+                         model_from_checkpoint, save_checkpoint, save_text)
+from cli import ArgumentParser, UserError, autocast, fraction, pick_device, positive_float, positive_int, run_cli
+from data import check_classes, check_dataset_name, load_dataset, make_batch, predict, training_index
 from evaluate import depth_metrics, markdown_table, unlearning_metrics
-from train import (ArgumentParser, UserError, add_data_args, add_train_args, autocast, build_model,
-                   check_checkpoint_fits, check_classes, check_dataset_name, check_writable, checkpoint_dict,
-                   default_checkpoint, fit, fraction, load_checkpoint, load_dataset, make_batch, model_from_checkpoint,
-                   pick_device, positive_float, positive_int, predict, run_cli, save_checkpoint, save_text, train,
-                   training_index, warmup_cosine)
+from models import check_arch, to_device
+from train import RUN_KEYS, add_data_args, add_train_args, fit, train, warmup_cosine
 
-HEAD = ("head",)  # every architecture in train.py names its classifier "head"
+HEAD = ("head",)  # every architecture in models.py names its classifier "head"
 METHODS = ("prunelora", "retrain", "finetune", "prune-finetune", "lora", "ga", "rl")
 
 # -----------------------------------------------------------------------------
-# the methods: each takes a fresh copy of the base model and returns (unlearned model, trainable params)
+# the methods: each takes a fresh copy of the base model and returns (unlearned model, facts), where
+# facts holds trainable_params and, for Retrain, the seconds its training took
 
 
 def finetune_on(model, data, index, args, loss_fn=F.cross_entropy, lr=None):
@@ -40,7 +43,7 @@ def finetune_on(model, data, index, args, loss_fn=F.cross_entropy, lr=None):
     fit(model, data, index, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
         generator=generator, lr_at=lambda step, total: warmup_cosine(step, total, peak), loss_fn=loss_fn,
         log=lambda line: print("   ", line, flush=True))
-    return sum(p.numel() for p in params)
+    return dict(trainable_params=sum(p.numel() for p in params))
 
 
 def reset_forget_rows(model, args):
@@ -62,8 +65,8 @@ def unlearn_prunelora(model, data, split, args):
     pl.prune_global(model, args.prune_amount, exclude=HEAD)                                      # 1. prune
     pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)   # 2. adapt
     pl.mark_only_lora_trainable(model, keep=HEAD)
-    trainable = finetune_on(model, data, split["retain"], args, lr=args.lora_lr)                 # 3. unlearn
-    return pl.merge_lora(model), trainable
+    facts = finetune_on(model, data, split["retain"], args, lr=args.lora_lr)                     # 3. unlearn
+    return pl.merge_lora(model), facts
 
 
 def unlearn_lora(model, data, split, args):
@@ -71,8 +74,8 @@ def unlearn_lora(model, data, split, args):
     reset_forget_rows(model, args)
     pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)
     pl.mark_only_lora_trainable(model, keep=HEAD)
-    trainable = finetune_on(model, data, split["retain"], args, lr=args.lora_lr)
-    return pl.merge_lora(model), trainable
+    facts = finetune_on(model, data, split["retain"], args, lr=args.lora_lr)
+    return pl.merge_lora(model), facts
 
 
 def unlearn_finetune(model, data, split, args):
@@ -85,8 +88,8 @@ def unlearn_prune_finetune(model, data, split, args):
     """Prune, then fine-tune every weight; the masks keep pruned weights at zero."""
     reset_forget_rows(model, args)
     pl.prune_global(model, args.prune_amount, exclude=HEAD)
-    trainable = finetune_on(model, data, split["retain"], args)
-    return pl.merge_lora(model), trainable  # no adapters to merge: this makes the pruning permanent
+    facts = finetune_on(model, data, split["retain"], args)
+    return pl.merge_lora(model), facts  # no adapters to merge: this makes the pruning permanent
 
 
 def unlearn_ga(model, data, split, args):
@@ -108,14 +111,22 @@ def unlearn_rl(model, data, split, args):
 
 
 def unlearn_retrain(model, data, split, args):
-    """Exact unlearning: train from scratch without the forget classes, with the base's settings."""
-    base_args = dict(args.base_ckpt["args"])
-    base_args.update(exclude_class=list(args.forget_class), resume=False,
-                     out=str(default_checkpoint(data.name, args.arch, args.forget_class)))
-    ckpt = train(argparse.Namespace(**base_args), data, data.train_images.device,
+    """Exact unlearning: train from scratch without the forget classes, with the base's settings.
+
+    A Retrain checkpoint of exactly these settings (train.py's RUN_KEYS) is used where it is
+    complete and continued where it was cut, so a long comparison can be run again without
+    training Retrain twice; any other file at that path is trained over, as train.py would."""
+    retrain_args = dict(args.base_ckpt["args"], exclude_class=list(args.forget_class))
+    out = default_checkpoint(data.name, args.arch, args.forget_class, retrain_args.get("width"))
+    try:
+        previous = load_checkpoint(out) if out.is_file() else None
+    except UserError:  # not a checkpoint we can read: trained over
+        previous = None
+    same_run = previous is not None and all(previous.get("args", {}).get(k) == retrain_args.get(k) for k in RUN_KEYS)
+    ckpt = train(argparse.Namespace(**retrain_args, out=str(out), resume=same_run), data, data.train_images.device,
                  log=lambda line: print("   ", line, flush=True))
     model.load_state_dict(ckpt["state_dict"])
-    return model, sum(p.numel() for p in model.parameters())
+    return model, dict(trainable_params=sum(p.numel() for p in model.parameters()), seconds=ckpt["seconds"])
 
 
 UNLEARN = {"prunelora": unlearn_prunelora, "retrain": unlearn_retrain, "finetune": unlearn_finetune,
@@ -185,9 +196,8 @@ def bench_step_times(base, data, split, args, device, steps):
 
 
 def fresh_model(base, device):
-    """A new copy of the base model on the device (channels_last on CUDA, as train.py trains it)."""
-    model = model_from_checkpoint(base).to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    """A new copy of the base model on the device, laid out as train.py trains it."""
+    return to_device(model_from_checkpoint(base), device)
 
 
 def run_method(method, base, data, split, args, device):
@@ -196,13 +206,12 @@ def run_method(method, base, data, split, args, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.time()
-    model, trainable = UNLEARN[method](model, data, split, args)
-    seconds = time.time() - start
+    model, facts = UNLEARN[method](model, data, split, args)
+    facts = dict(dict(seconds=time.time() - start), **facts)  # Retrain's seconds: its training time
     row = unlearning_metrics(model, data, args.forget_class, split["train"])
     if args.depth:
         row.update(depth_metrics(model, data, args.forget_class, split["train"], seed=args.seed))
-    total = sum(p.numel() for p in model.parameters())
-    row.update(seconds=seconds, trainable_params=trainable, trainable_share=trainable / total,
+    row.update(facts, trainable_share=facts["trainable_params"] / sum(p.numel() for p in model.parameters()),
                sparsity=pl.sparsity(model))
     if device.type == "cuda":
         row["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -222,7 +231,7 @@ def parse_methods(text):
     return names
 
 
-def main():
+def parse_args():
     parser = ArgumentParser(description="Unlearn classes with PruneLoRA and baselines; print the paper's table.")
     parser.add_argument("--forget-class", type=int, nargs="+", required=True, metavar="K")
     parser.add_argument("--method", default="prunelora", help=f"{', '.join(METHODS)}, a comma list, or all")
@@ -246,22 +255,42 @@ def main():
                         help="instead of unlearning, time N training steps of finetune, lora and prunelora on one batch")
     parser.add_argument("--out-dir", default="results", help="where the .json and .md tables go")
     add_train_args(parser, prefix="base-")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    # every check before any work, so that a mistake writes nothing
+
+@dataclass
+class Run:
+    """What setup() found and prepared: everything the methods and the report need besides args."""
+    methods: list
+    device: torch.device
+    data: object          # data.Data, on the device
+    base: dict            # the base checkpoint
+    base_path: Path
+    split: dict           # train / retain / forget: training-image indices
+    tag: str              # <dataset>-<arch>[-w<width>]-forget<K>: names the results and checkpoints
+    results: Path         # the .json; the .md beside it
+
+
+def setup(args):
+    """Every check before any work, so that a mistake writes nothing; then the data, the base model
+    (trained first if missing) and the split into forget and retained training images."""
     methods = parse_methods(args.method)
     check_dataset_name(args.dataset)
-    build_model(args.arch, 1, 2)
+    check_arch(args.arch, args.width)
     device = pick_device(args.device)
-    base_path = Path(args.base or default_checkpoint(args.dataset, args.arch))
+    base_path = Path(args.base or default_checkpoint(args.dataset, args.arch, width=args.width))
     base = load_checkpoint(base_path, args.dataset, args.arch) if args.base or base_path.exists() else None
     if base is not None and not base.get("complete", True):
         raise UserError(f"base checkpoint {base_path} is unfinished; finish it with 'python train.py --resume --out {base_path}'")
+    if base is not None and args.width is not None and check_arch(args.arch, base.get("width")) != args.width:
+        raise UserError(f"--width {args.width} does not match base checkpoint {base_path}, whose width is "
+                        f"{check_arch(args.arch, base.get('width'))}; leave --width out or pass another --base")
     data = load_dataset(args.dataset, args.data_dir)
     if base is not None:
         check_checkpoint_fits(base, data, base_path)
     check_classes(args.forget_class, data.num_classes, "--forget-class", must_leave=2)
-    tag = f"{default_checkpoint(args.dataset, args.arch).stem}-forget{'-'.join(map(str, args.forget_class))}"
+    width = check_arch(args.arch, base.get("width") if base is not None else args.width)
+    tag = f"{default_checkpoint(args.dataset, args.arch, width=width).stem}-forget{'-'.join(map(str, args.forget_class))}"
     results = Path(args.out_dir) / f"{tag}.json"
     for path in (results, results.with_suffix(".md"), base_path, Path("checkpoints/unlearned") / f"{tag}.pt"):
         check_writable(path)
@@ -269,56 +298,73 @@ def main():
 
     if base is None:
         print(f"no base checkpoint at {base_path}: training one first with train.py's defaults", flush=True)
-        base_args = argparse.Namespace(dataset=args.dataset, arch=args.arch, epochs=args.base_epochs,
+        base_args = argparse.Namespace(dataset=args.dataset, arch=args.arch, width=args.width, epochs=args.base_epochs,
                                        batch_size=args.base_batch_size, lr=args.base_lr, momentum=args.base_momentum,
                                        weight_decay=args.base_weight_decay, seed=args.seed, exclude_class=[],
                                        train_limit=args.train_limit, out=str(base_path), resume=False)
         base = train(base_args, data, device)
     args.base_ckpt = base
-    train_limit = base["args"].get("train_limit")
-    index = training_index(data, (), train_limit)
+    index = training_index(data, (), base["args"].get("train_limit"))
     forget = torch.isin(data.train_labels[index.to(device)].cpu(), torch.tensor(args.forget_class))
     split = dict(train=index, retain=index[~forget], forget=index[forget])
     print(f"forgetting class {' '.join(map(str, args.forget_class))} of {data.name} "
           f"({', '.join(data.classes[c] for c in args.forget_class)}): {len(split['forget'])} forget and "
           f"{len(split['retain'])} retained training images, {args.arch}, on {device}", flush=True)
+    return Run(methods, device, data, base, base_path, split, tag, results)
 
-    if args.bench_steps:
-        rows = bench_step_times(base, data, split, args, device, args.bench_steps)
-        print(f"\nbatch of {args.batch_size} on {device}, fastest of {args.bench_steps} steps after 3 warm-up steps:")
-        for name, row in rows.items():
-            print(f"  {name:10s} {row['step_ms']:8.1f} ms/step  {row['step_time_vs_finetune']:.2f} x finetune  "
-                  f"{row['trainable_params']:,} trainable" + (f"  {row['peak_memory_mb']:.0f} MB peak" if "peak_memory_mb" in row else ""))
-        return
 
-    base_model = model_from_checkpoint(base, base_path).to(device)
-    rows = {"base": unlearning_metrics(base_model, data, args.forget_class, index)}
+def print_bench(rows, args, device):
+    print(f"\nbatch of {args.batch_size} on {device}, fastest of {args.bench_steps} steps after 3 warm-up steps:")
+    for name, row in rows.items():
+        print(f"  {name:10s} {row['step_ms']:8.1f} ms/step  {row['step_time_vs_finetune']:.2f} x finetune  "
+              f"{row['trainable_params']:,} trainable" + (f"  {row['peak_memory_mb']:.0f} MB peak" if "peak_memory_mb" in row else ""))
+
+
+def run_methods(run, args):
+    """The base row, then each method's row; each unlearned model is saved, merged."""
+    base, data, split, device = run.base, run.data, run.split, run.device
+    base_model = to_device(model_from_checkpoint(base, run.base_path), device)
+    rows = {"base": unlearning_metrics(base_model, data, args.forget_class, split["train"])}
     rows["base"].update(seconds=base.get("seconds"), sparsity=pl.sparsity(base_model))
     if args.depth:
-        rows["base"].update(depth_metrics(base_model, data, args.forget_class, index, seed=args.seed))
-    for method in methods:
+        rows["base"].update(depth_metrics(base_model, data, args.forget_class, split["train"], seed=args.seed))
+    for method in run.methods:
         print(f"{method}:", flush=True)
         model, rows[method] = run_method(method, base, data, split, args, device)
         # timed back to back, so that other load on the machine affects both alike
         rows[method]["inference_time_ratio"] = inference_seconds(model, data) / inference_seconds(base_model, data)
         save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base["args"], method=method,
-                                        forget_class=args.forget_class), metrics=rows[method]),
-                        Path("checkpoints/unlearned") / f"{tag}-{method}.pt")
+                                        forget_class=args.forget_class), width=base.get("width"), metrics=rows[method]),
+                        Path("checkpoints/unlearned") / f"{run.tag}-{method}.pt")
         print(f"    UA {rows[method]['UA']:.2f}  MIA {rows[method]['MIA']:.2f}  RA {rows[method]['RA']:.2f}  "
               f"TA {rows[method]['TA']:.2f}  {rows[method]['seconds']:.1f} s", flush=True)
     if "retrain" in rows:
-        for method in methods:
+        for method in run.methods:
             rows[method]["time_vs_retrain"] = rows[method]["seconds"] / rows["retrain"]["seconds"]
-    if {"prunelora", "lora", "finetune"} & set(methods):  # step times on one batch, side by side
+    if {"prunelora", "lora", "finetune"} & set(run.methods):  # step times on one batch, side by side
         for method, bench in bench_step_times(base, data, split, args, device, steps=10).items():
             if method in rows:
                 rows[method]["step_time_vs_finetune"] = bench["step_time_vs_finetune"]
+    return rows
 
+
+def report(rows, run, args):
     table = markdown_table(rows)
     settings = {k: v for k, v in vars(args).items() if k != "base_ckpt"}
-    save_text(json.dumps(dict(settings=settings, base=str(base_path), device=str(device), results=rows), indent=2), results)
-    save_text(f"{table}\n", results.with_suffix(".md"))
-    print(f"\n{table}\n\nwritten to {results} and {results.with_suffix('.md')}")
+    save_text(json.dumps(dict(settings=settings, base=str(run.base_path), device=str(run.device), results=rows),
+                         indent=2), run.results)
+    save_text(f"{table}\n", run.results.with_suffix(".md"))
+    print(f"\n{table}\n\nwritten to {run.results} and {run.results.with_suffix('.md')}")
+
+
+def main():
+    args = parse_args()
+    run = setup(args)
+    if args.bench_steps:
+        rows = bench_step_times(run.base, run.data, run.split, args, run.device, args.bench_steps)
+        print_bench(rows, args, run.device)
+        return
+    report(run_methods(run, args), run, args)
 
 
 if __name__ == "__main__":

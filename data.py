@@ -1,0 +1,219 @@
+"""The data: whole datasets as uint8 tensors on the device, batches by index, augmentation on the device.
+
+    data = load_dataset("cifar10").to(device)     # or fashion-mnist, mnist, cifar100, folder:PATH
+    x = make_batch(data, data.train_images, index, generator)   # (B, C, H, W) normalised, augmented
+    logits = predict(model, data, data.test_images)            # eval mode, no augmentation
+
+No DataLoader and no workers: the whole of CIFAR-10 is 180 MB as uint8, so it sits on the device
+and a batch is one gather, a random crop with 4 pixels of padding and a horizontal flip.
+"""
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from checkpoints import save_checkpoint
+from cli import UserError, autocast
+
+# -----------------------------------------------------------------------------
+# datasets as uint8 tensors
+
+
+@dataclass
+class Data:
+    name: str
+    classes: list              # class names; index = label
+    train_images: torch.Tensor  # (N, C, H, W) uint8
+    train_labels: torch.Tensor  # (N,) int64
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    mean: torch.Tensor          # (C,) per-channel, from the training images, in [0, 1]
+    std: torch.Tensor
+    flip: bool                  # horizontal flip is a valid augmentation (not for digits)
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+    def to(self, device):
+        for field in ("train_images", "train_labels", "test_images", "test_labels", "mean", "std"):
+            setattr(self, field, getattr(self, field).to(device))
+        return self
+
+
+# name: (torchvision class, horizontal flip allowed)
+TORCHVISION_DATASETS = {"cifar10": ("CIFAR10", True), "cifar100": ("CIFAR100", True),
+                        "fashion-mnist": ("FashionMNIST", True), "mnist": ("MNIST", False)}
+DATASET_HELP = f"{', '.join(TORCHVISION_DATASETS)}, or folder:PATH"
+
+
+def check_dataset_name(name):
+    if name not in TORCHVISION_DATASETS and not (name.startswith("folder:") and len(name) > 7):
+        raise UserError(f"unknown dataset {name!r}; allowed: {DATASET_HELP}")
+
+
+def load_dataset(name, data_dir="data"):
+    """Everything as uint8 tensors on the CPU; move with .to(device)."""
+    check_dataset_name(name)
+    if name.startswith("folder:"):
+        arrays = load_folder(Path(name[len("folder:"):]), Path(data_dir))
+        flip = True
+    else:
+        arrays, flip = load_torchvision(name, data_dir), TORCHVISION_DATASETS[name][1]
+    train_images = arrays["train_images"]
+    pixels = train_images.float().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
+    return Data(name, list(arrays["classes"]), train_images, arrays["train_labels"],
+                arrays["test_images"], arrays["test_labels"], pixels.mean(1), pixels.std(1), flip)
+
+
+def load_torchvision(name, data_dir):
+    import torchvision  # here, so that prunelora users who only import models need no torchvision
+    cls = getattr(torchvision.datasets, TORCHVISION_DATASETS[name][0])
+    # folders torchvision makes before a download; removed again if it fails, so a failure writes nothing
+    folders = [Path(data_dir), Path(data_dir) / cls.__name__, Path(data_dir) / cls.__name__ / "raw"]
+    new_folders = [f for f in folders if not f.exists()]
+    splits = {}
+    for train in (True, False):
+        try:
+            try:
+                ds = cls(data_dir, train=train, download=False)  # no network, no checksums when present
+            except RuntimeError:
+                ds = cls(data_dir, train=train, download=True)
+        except Exception as e:
+            for folder in reversed(new_folders):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"dataset {name} is not under {Path(data_dir).resolve()} and could not be downloaded "
+                            f"({reason}); connect to the internet, point --data-dir at a folder that holds it, "
+                            "or use --dataset folder:PATH") from None
+        images = torch.as_tensor(np.asarray(ds.data))
+        images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # -> (N, C, H, W)
+        splits["train" if train else "test"] = (images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
+    return dict(classes=ds.classes, train_images=splits["train"][0], train_labels=splits["train"][1],
+                test_images=splits["test"][0], test_labels=splits["test"][1])
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def load_folder(root, data_dir):
+    """An ImageFolder layout root/{train,test}/<class>/*, decoded once and cached as a uint8 tensor file."""
+    classes = {}
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise UserError(f"folder dataset {root} has no {split}/ folder; expected "
+                            f"{root}/train/<class>/*.jpg and {root}/test/<class>/*.jpg")
+        classes[split] = sorted(d.name for d in (root / split).iterdir() if d.is_dir())
+    if not classes["train"]:
+        raise UserError(f"folder dataset {root}/train has no class folders; expected {root}/train/<class>/*.jpg")
+    if classes["train"] != classes["test"]:
+        differ = sorted(set(classes["train"]) ^ set(classes["test"]))
+        raise UserError(f"folder dataset {root}: the classes in train/ and test/ differ ({', '.join(differ)}); "
+                        "both must hold the same class folders")
+    files = {split: [(p, label) for label, c in enumerate(classes[split])
+                     for p in sorted((root / split / c).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+             for split in ("train", "test")}
+    # the cache key changes when any file is added, removed, resized or touched
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for split in files.values() for p, _ in split]
+    key = hashlib.sha1(repr((str(root.resolve()), stats)).encode()).hexdigest()[:16]
+    cache = data_dir / "cache" / f"folder-{root.name}-{key}.pt"
+    if cache.is_file():
+        try:
+            return torch.load(cache, weights_only=True)
+        except Exception:
+            pass  # a damaged cache is rebuilt below
+    from PIL import Image
+    print(f"decoding {sum(map(len, files.values()))} images from {root} (once; cached in {cache})", flush=True)
+    arrays = dict(classes=classes["train"])
+    size = None
+    for split, items in files.items():
+        if not items:
+            raise UserError(f"folder dataset {root}/{split} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        images = []
+        for path, _ in items:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                size = size or img.size
+                images.append(np.asarray(img if img.size == size else img.resize(size)))
+        arrays[f"{split}_images"] = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        arrays[f"{split}_labels"] = torch.tensor([label for _, label in items], dtype=torch.long)
+    save_checkpoint(arrays, cache)
+    return arrays
+
+
+# -----------------------------------------------------------------------------
+# which images a run uses
+
+
+def balanced_subset(labels, limit, num_classes):
+    """Indices of the first limit // num_classes images of each class (same per class, same every run)."""
+    per_class = limit // num_classes
+    if per_class == 0:
+        raise UserError(f"--train-limit {limit} is too small: it must be at least the class count, {num_classes}")
+    index = [torch.nonzero(labels == c).flatten()[:per_class] for c in range(num_classes)]
+    return torch.cat(index).sort().values
+
+
+def check_classes(classes, num_classes, flag, must_leave=0):
+    """Each class in range and named once; with must_leave, that many classes remain without them."""
+    for c in classes:
+        if not 0 <= c < num_classes:
+            raise UserError(f"{flag} {c} is out of range; allowed: 0 to {num_classes - 1}")
+    if len(set(classes)) != len(classes):
+        raise UserError(f"{flag} repeats a class ({' '.join(map(str, classes))}); name each class once")
+    if num_classes - len(classes) < must_leave:
+        raise UserError(f"{flag} leaves {num_classes - len(classes)} class(es); at least {must_leave} must remain")
+
+
+def training_index(data, exclude_classes=(), train_limit=None):
+    """Which training images a run uses: the balanced --train-limit subset, without excluded classes."""
+    index = torch.arange(len(data.train_labels))
+    if train_limit:
+        index = balanced_subset(data.train_labels, train_limit, data.num_classes)
+    keep = ~torch.isin(data.train_labels[index], torch.tensor(list(exclude_classes), dtype=torch.long))
+    return index[keep]
+
+# -----------------------------------------------------------------------------
+# batches, augmentation and prediction, on the device
+
+
+def random_crop_flip(x, generator, flip, pad=4):
+    """Per-image random crop (zero padding) and horizontal flip of a batch (B, C, H, W), on its device."""
+    B, C, H, W = x.shape
+    dy, dx = (torch.randint(0, 2 * pad + 1, (2, B), generator=generator)).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    x = padded[torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
+    if flip:
+        mirror = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def make_batch(data, images, index, generator=None):
+    """uint8 images[index] -> normalised float batch; augmented when a generator is given."""
+    x = images[index].float().div_(255)
+    if generator is not None:
+        x = random_crop_flip(x, generator, data.flip)
+    x = (x - data.mean[:, None, None]) / data.std[:, None, None]
+    return x.contiguous(memory_format=torch.channels_last)  # as models.to_device lays out the weights
+
+
+@torch.no_grad()
+def predict(model, data, images, batch_size=1000, features=False):
+    """Logits (N, classes), or with features=True the penultimate features (N, D), in fp32,
+    in eval mode, without augmentation."""
+    was_training = model.training
+    model.eval()
+    forward = model.features if features else model
+    device = images.device
+    with autocast(device):
+        outputs = [forward(make_batch(data, images, torch.arange(i, min(i + batch_size, len(images)), device=device))).float()
+                   for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.zeros(0, data.num_classes, device=device)

@@ -1,0 +1,109 @@
+"""The models and the data: every architecture prunes, adapts and merges back; widths; batches and caches."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoints
+import data
+import models
+import prunelora as pl
+
+# -----------------------------------------------------------------------------
+# models
+
+
+@pytest.mark.parametrize("arch", list(models.ARCHS))
+@pytest.mark.parametrize("channels, size", [(3, 32), (1, 28)])
+def test_every_arch_prunes_adapts_and_merges_back_to_its_own_state_dict(arch, channels, size):
+    torch.manual_seed(0)
+    model = models.build_model(arch, channels, 7)
+    x = torch.randn(2, channels, size, size)
+    assert model(x).shape == (2, 7) and isinstance(model.head, torch.nn.Linear)
+    pl.prune_global(model, 0.5, exclude=("head",))
+    wrapped = pl.add_lora(model, r=2, alpha=4, exclude=("head",))
+    assert wrapped and not any(name.startswith("head") for name in wrapped)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, pl._LoRALayer):
+                m.lora_B.weight.normal_(0, 0.05)
+    model.eval()
+    expected = model(x)
+    sparsity = pl.sparsity(model)
+    pl.merge_lora(model)
+    fresh = models.build_model(arch, channels, 7).eval()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert (fresh(x) - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert pl.sparsity(fresh) == sparsity
+
+
+def test_vit_attention_is_made_of_linear_layers_so_pruning_reaches_it():
+    model = models.build_model("vit", 3, 10)
+    names = [name for name, _ in pl._layers(model)]
+    assert "blocks.0.attn.qkv" in names and "blocks.0.attn.proj" in names
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def test_random_crop_flip_keeps_shape_and_content():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8) + 1
+    out = data.random_crop_flip(x, torch.Generator().manual_seed(0), flip=True)
+    assert out.shape == x.shape
+    for image, original in zip(out, x):  # every pixel is zero padding or comes from the same image
+        assert set(image.unique().tolist()) <= set(original.unique().tolist()) | {0.0}
+
+
+def test_balanced_subset_takes_the_same_number_per_class():
+    labels = torch.tensor([0, 1, 1, 2, 0, 1, 2, 2, 0, 1])
+    index = data.balanced_subset(labels, 6, 3)
+    assert torch.bincount(labels[index]).tolist() == [2, 2, 2]
+    assert torch.equal(index, data.balanced_subset(labels, 6, 3))
+
+
+def test_folder_dataset_is_cached_and_reads_the_same(synthetic_dataset):
+    dataset, data_dir = synthetic_dataset
+    first = data.load_dataset(dataset, data_dir)
+    caches = list((Path(data_dir) / "cache").glob("*.pt"))
+    second = data.load_dataset(dataset, data_dir)
+    assert len(caches) == 1 and torch.equal(first.train_images, second.train_images)
+    assert first.train_images.dtype == torch.uint8 and first.classes == sorted(first.classes)
+
+
+@pytest.mark.parametrize("arch, expansion", [("resnet18", 1), ("resnet50", 4)])
+def test_width_scales_every_resnet_stage(arch, expansion):
+    model = models.build_model(arch, 3, 10, width=8)
+    assert model.stem[0].out_channels == 8
+    assert [stage[0].conv1.in_channels for stage in (model.layer2, model.layer3, model.layer4)] == \
+           [8 * expansion, 16 * expansion, 32 * expansion]
+    assert model.head.in_features == 64 * expansion
+    assert model.features(torch.randn(2, 3, 32, 32)).shape == (2, 64 * expansion)
+    standard = models.build_model(arch, 3, 10)  # no width: the standard 64
+    assert standard.stem[0].out_channels == 64 and standard.head.in_features == 512 * expansion
+
+
+def test_the_width_travels_in_the_checkpoint_and_names_it(synthetic_dataset):
+    dataset, data_dir = synthetic_dataset
+    ds = data.load_dataset(dataset, data_dir)
+    model = models.build_model("resnet18", 3, ds.num_classes, width=4)
+    ckpt = checkpoints.checkpoint_dict(model, ds, "resnet18", {}, width=4)
+    rebuilt = checkpoints.model_from_checkpoint(ckpt)  # from the checkpoint alone
+    assert rebuilt.stem[0].out_channels == 4
+    # a checkpoint from before --width existed has no width and is a standard ResNet
+    old = dict(ckpt, state_dict=models.build_model("resnet18", 3, ds.num_classes).state_dict())
+    del old["width"]
+    assert checkpoints.model_from_checkpoint(old).stem[0].out_channels == 64
+    assert checkpoints.default_checkpoint("cifar10", "resnet18", width=16).name == "cifar10-resnet18-w16.pt"
+    assert checkpoints.default_checkpoint("cifar10", "resnet18", width=64).name == "cifar10-resnet18.pt"
+    assert checkpoints.default_checkpoint("cifar10", "resnet18", (3,), 16).name == "cifar10-resnet18-w16-without3.pt"
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    model = models.build_model("resnet18", 3, 10, width=8).eval()
+    x = torch.randn(4, 3, 32, 32)
+    expected = model(x)
+    fast = models.to_device(model, torch.device("cpu"))
+    out = fast(x.contiguous(memory_format=torch.channels_last))
+    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
