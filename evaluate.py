@@ -10,9 +10,11 @@ MIA  = MIA-efficacy, Jia et al. 2023 (confidence-based): a threshold on the soft
 RA   = accuracy on the retained classes' training images      (higher: more retained)
 TA   = test accuracy on the retained classes                  (higher: more retained)
 
-With --depth, two measures that accuracy cannot fake (a model can hide a class by its head alone):
+With --depth, measures that accuracy cannot fake (a model can hide a class by its head alone):
 relearn steps = SGD steps on a few forget images until the class is back    (more: deeper forgetting)
 probe acc     = a linear probe on the features finds the forget class, %    (lower: deeper forgetting)
+NCM acc       = a 10-shot nearest-class-mean classifier on the features finds it, %   (lower: deeper)
+depth score   = NCM acc on the scale 0 = hidden (the base's features), 1 = Retrain (unlearn.py, with retrain)
 """
 import copy
 import math
@@ -105,6 +107,16 @@ def unlearning_metrics(model, data, forget_classes, train_index=None):
 #   relearn_steps  SGD steps on a few forget images until the class is recognised again (fewer: shallower)
 #   probe_acc      a linear probe on the frozen features tells forget-class images from retained ones
 #                  (higher: the class is still in the features; about 50: they cannot tell it apart)
+
+
+def hide_classes(model, classes):
+    """Hiding, not forgetting: the classes' head rows get weight 0 and bias -1e9, in place, so they are
+    never predicted (UA 100) while the features are the base model's. The 0 end of the depth scale."""
+    rows = torch.tensor(list(classes), dtype=torch.long, device=model.head.weight.device)
+    with torch.no_grad():
+        model.head.weight[rows] = 0
+        model.head.bias[rows] = -1e9
+    return model
 
 
 def reset_head_rows(model, classes):
@@ -229,10 +241,55 @@ def probe_accuracy(model, data, forget_classes, train_index=None, seed=0, max_tr
     return (percent(called[y_test]) + percent(~called[~y_test])) / 2
 
 
+def ncm_recognition(model, data, forget_classes, train_index=None, shots=10, draws=5, seed=0):
+    """Share (%) of the forget classes' test images that a few-shot nearest-class-mean classifier
+    on the model's penultimate features puts in their own class (higher: the features still hold
+    the class). Reads past the head, like the probes, but with only `shots` images per class, so a
+    class the features never learned stays hard to find (a full-data linear probe finds even that).
+
+    Each draw takes `shots` random training images (from train_index) of every class; a class's
+    prototype is the mean of their L2-normalised features, and each test image goes to the prototype
+    of highest cosine similarity. The result is the mean over `draws` draws, with seed.
+    """
+    device = data.train_images.device
+    train_index = torch.arange(len(data.train_labels)) if train_index is None else train_index
+    train_index = train_index.to(device)
+    test_forget = forget_mask(data.test_labels, forget_classes)
+    generator = torch.Generator().manual_seed(seed)
+    by_class = [train_index[data.train_labels[train_index] == c] for c in range(data.num_classes)]
+    if any(len(index) < shots for index in by_class) or not test_forget.any():
+        raise UserError(f"ncm_recognition needs {shots} training images of every class and forget-class test images")
+    picks = torch.stack([torch.stack([index[torch.randperm(len(index), generator=generator)[:shots].to(device)]
+                                      for index in by_class]) for _ in range(draws)])       # (draws, classes, shots)
+    unique, where = picks.flatten().unique(return_inverse=True)  # each image's features computed once
+    shot_features = F.normalize(predict(model, data, data.train_images[unique], features=True), dim=1)[where]
+    prototypes = F.normalize(shot_features.view(*picks.shape, -1).mean(2), dim=2)            # (draws, classes, D)
+    test_features = F.normalize(predict(model, data, data.test_images[test_forget], features=True), dim=1)  # (N, D)
+    assigned = torch.einsum("nd,kcd->knc", test_features, prototypes).argmax(2)                 # (draws, N)
+    return percent(assigned == data.test_labels[test_forget])
+
+
 def depth_metrics(model, data, forget_classes, train_index=None, seed=0):
-    """relearn_steps and probe_acc with their defaults: the one call unlearn.py makes."""
+    """relearn_steps, probe_acc and ncm_acc with their defaults: the one call unlearn.py makes."""
     return dict(relearn_steps=relearn_steps(model, data, forget_classes, train_index, seed=seed),
-                probe_acc=probe_accuracy(model, data, forget_classes, train_index, seed=seed))
+                probe_acc=probe_accuracy(model, data, forget_classes, train_index, seed=seed),
+                ncm_acc=ncm_recognition(model, data, forget_classes, train_index, seed=seed))
+
+
+def add_depth_scores(rows, measure="ncm_acc"):
+    """depth_score on a scale fixed by two models of the same run: 0 = the hidden model (the base's
+    features: the base row serves, its features are the hidden model's) and 1 = Retrain.
+    score = (hidden - method) / (hidden - Retrain) of the measure. Needs a base and a retrain row
+    with the measure; past 1 the features lost more of the class than Retrain's, below 0 less."""
+    if measure not in rows.get("base", {}) or measure not in rows.get("retrain", {}):
+        return rows
+    hidden, retrain = rows["base"][measure], rows["retrain"][measure]
+    if hidden == retrain:  # no scale to read on
+        return rows
+    for row in rows.values():
+        if measure in row:
+            row["depth_score"] = (hidden - row[measure]) / (hidden - retrain)
+    return rows
 
 # -----------------------------------------------------------------------------
 # tables
@@ -243,7 +300,8 @@ COLUMNS = [("UA", "UA", "{:.2f}"), ("MIA", "MIA", "{:.2f}"), ("RA", "RA", "{:.2f
            ("time_vs_retrain", "time / Retrain", "{:.3f}"), ("step_time_vs_finetune", "step time / finetune", "{:.2f}"), ("trainable_params", "trainable params", "{:,}"),
            ("trainable_share", "trainable share", "{:.4f}"), ("sparsity", "sparsity", "{:.4f}"),
            ("inference_time_ratio", "inference time / base", "{:.2f}"), ("peak_memory_mb", "peak GPU MB", "{:.0f}"),
-           ("relearn_steps", "relearn steps", "{}"), ("probe_acc", "probe acc", "{:.2f}")]
+           ("relearn_steps", "relearn steps", "{}"), ("probe_acc", "probe acc", "{:.2f}"),
+           ("ncm_acc", "10-shot NCM acc", "{:.2f}"), ("depth_score", "depth score", "{:.2f}")]
 
 
 def markdown_table(rows):

@@ -81,6 +81,25 @@ def test_unlearn_all_methods_from_the_command_line(synthetic_dataset, base_check
     # each unlearned model is saved merged: its state_dict loads strictly into the bare architecture
     saved = torch.load(tmp_path / "checkpoints" / "unlearned" / f"{json_path.stem}-prunelora.pt", weights_only=True)
     build_model("cnn", 3, 4).load_state_dict(saved["state_dict"], strict=True)
+    # the hidden reference forgets in the head only and is never saved where unlearned models go
+    assert rows["hidden"]["UA"] == 100 and rows["hidden"]["trainable_params"] == 0
+    assert not (tmp_path / "checkpoints" / "unlearned" / f"{json_path.stem}-hidden.pt").exists()
+
+
+def test_retrain_uses_a_complete_retrain_checkpoint_of_the_same_settings(synthetic_dataset, base_checkpoint, tmp_path):
+    dataset, data_dir = synthetic_dataset
+    args = ("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--base", base_checkpoint,
+            "--forget-class", "1", "--method", "retrain", *FAST_BASE, *FAST_UNLEARN)
+    json_path = tmp_path / "results" / f"{Path(default_checkpoint(dataset, 'cnn')).stem}-forget1.json"
+    first = run(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    trained = json.loads(json_path.read_text())["results"]["retrain"]
+    second = run(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "already complete" in second.stdout and "epoch 1/" not in second.stdout  # nothing trained again
+    again = json.loads(json_path.read_text())["results"]["retrain"]
+    assert again["seconds"] == trained["seconds"]  # its training time, from the checkpoint
+    assert {k: again[k] for k in ("UA", "RA", "TA")} == {k: trained[k] for k in ("UA", "RA", "TA")}
 
 
 def test_bench_steps_prints_step_time_ratios(synthetic_dataset, base_checkpoint, tmp_path):

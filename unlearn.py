@@ -6,7 +6,8 @@
 
 It loads checkpoints/<dataset>-<arch>.pt (training it first with train.py's defaults if
 there is none), unlearns with each --method, and writes results/<dataset>-<arch>-forget<K>.json
-and .md, plus each unlearned model, merged, as checkpoints/unlearned/...-<method>.pt.
+and .md, plus each unlearned model, merged, as checkpoints/unlearned/...-<method>.pt
+(`hidden`, a reference that is not unlearning, is never saved there).
 """
 import argparse
 import json
@@ -22,12 +23,13 @@ from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict,
                          model_from_checkpoint, save_checkpoint, save_text)
 from cli import ArgumentParser, UserError, autocast, fraction, pick_device, positive_float, positive_int, run_cli
 from data import check_classes, check_dataset_name, load_dataset, make_batch, predict, training_index
-from evaluate import depth_metrics, markdown_table, unlearning_metrics
+from evaluate import add_depth_scores, depth_metrics, hide_classes, markdown_table, unlearning_metrics
 from models import check_arch, to_device
 from train import RUN_KEYS, add_data_args, add_train_args, fit, train, warmup_cosine
 
 HEAD = ("head",)  # every architecture in models.py names its classifier "head"
-METHODS = ("prunelora", "retrain", "finetune", "prune-finetune", "lora", "ga", "rl")
+METHODS = ("prunelora", "retrain", "finetune", "prune-finetune", "lora", "ga", "rl", "hidden")
+NOT_UNLEARNED = ("hidden",)  # references only: their models are never saved where unlearned models go
 
 # -----------------------------------------------------------------------------
 # the methods: each takes a fresh copy of the base model and returns (unlearned model, facts), where
@@ -129,8 +131,15 @@ def unlearn_retrain(model, data, split, args):
     return model, dict(trainable_params=sum(p.numel() for p in model.parameters()), seconds=ckpt["seconds"])
 
 
+def unlearn_hidden(model, data, split, args):
+    """Not an unlearning method: the reference for forgetting in the head only (depth score 0).
+    The base model untrained, its forget classes' logits masked: UA 100, features untouched."""
+    return hide_classes(model, args.forget_class), dict(trainable_params=0)
+
+
 UNLEARN = {"prunelora": unlearn_prunelora, "retrain": unlearn_retrain, "finetune": unlearn_finetune,
-           "prune-finetune": unlearn_prune_finetune, "lora": unlearn_lora, "ga": unlearn_ga, "rl": unlearn_rl}
+           "prune-finetune": unlearn_prune_finetune, "lora": unlearn_lora, "ga": unlearn_ga, "rl": unlearn_rl,
+           "hidden": unlearn_hidden}
 
 # -----------------------------------------------------------------------------
 # measuring
@@ -250,7 +259,8 @@ def parse_args():
                         help="1: re-initialise the forget classes' head rows before fine-tuning on retained data "
                         "(prunelora, lora, finetune, prune-finetune); 0: keep them, as the paper does")
     parser.add_argument("--depth", action="store_true",
-                        help="also measure forgetting depth: relearn steps and linear-probe accuracy (slower)")
+                        help="also measure forgetting depth: relearn steps, linear-probe and 10-shot NCM accuracy, "
+                        "and with retrain in the run a depth score, 0 = hidden, 1 = Retrain (slower)")
     parser.add_argument("--bench-steps", type=positive_int, default=None, metavar="N",
                         help="instead of unlearning, time N training steps of finetune, lora and prunelora on one batch")
     parser.add_argument("--out-dir", default="results", help="where the .json and .md tables go")
@@ -321,7 +331,7 @@ def print_bench(rows, args, device):
 
 
 def run_methods(run, args):
-    """The base row, then each method's row; each unlearned model is saved, merged."""
+    """The base row, then each method's row; each unlearned model is saved, merged; depth scores last."""
     base, data, split, device = run.base, run.data, run.split, run.device
     base_model = to_device(model_from_checkpoint(base, run.base_path), device)
     rows = {"base": unlearning_metrics(base_model, data, args.forget_class, split["train"])}
@@ -333,9 +343,10 @@ def run_methods(run, args):
         model, rows[method] = run_method(method, base, data, split, args, device)
         # timed back to back, so that other load on the machine affects both alike
         rows[method]["inference_time_ratio"] = inference_seconds(model, data) / inference_seconds(base_model, data)
-        save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base["args"], method=method,
-                                        forget_class=args.forget_class), width=base.get("width"), metrics=rows[method]),
-                        Path("checkpoints/unlearned") / f"{run.tag}-{method}.pt")
+        if method not in NOT_UNLEARNED:
+            save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base["args"], method=method,
+                                            forget_class=args.forget_class), width=base.get("width"), metrics=rows[method]),
+                            Path("checkpoints/unlearned") / f"{run.tag}-{method}.pt")
         print(f"    UA {rows[method]['UA']:.2f}  MIA {rows[method]['MIA']:.2f}  RA {rows[method]['RA']:.2f}  "
               f"TA {rows[method]['TA']:.2f}  {rows[method]['seconds']:.1f} s", flush=True)
     if "retrain" in rows:
@@ -345,7 +356,7 @@ def run_methods(run, args):
         for method, bench in bench_step_times(base, data, split, args, device, steps=10).items():
             if method in rows:
                 rows[method]["step_time_vs_finetune"] = bench["step_time_vs_finetune"]
-    return rows
+    return add_depth_scores(rows)
 
 
 def report(rows, run, args):
