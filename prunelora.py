@@ -18,6 +18,7 @@ Usage on any model with Conv2d/Linear layers and a classifier called "head":
     pl.prune_global(model, amount=0.5, exclude=("head",))            # 1. prune
     pl.add_lora(model, r=8, alpha=16, exclude=("head",))              # 2. adapt
     pl.mark_only_lora_trainable(model, keep=("head",))
+    model.train(); pl.freeze_batchnorm(model)                         # optional: BatchNorm statistics kept
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for images, labels in retain_loader:                              # 3. unlearn
         loss = F.cross_entropy(model(images), labels)
@@ -236,6 +237,17 @@ def mark_only_lora_trainable(model, keep=()):
             for p in m.parameters():
                 p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def freeze_batchnorm(model):
+    """Put every BatchNorm in eval mode; call it after each model.train(). Freezing parameters does
+    not freeze BatchNorm's running statistics: in train mode each batch still moves them. In eval
+    mode the layers normalise with the base model's statistics and never update them, so the
+    merged model's BatchNorm buffers are the base's, bit for bit."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
 
 
 def lora_state_dict(model, keep=()):

@@ -310,3 +310,18 @@ def test_cuda_merge_under_bf16_autocast_matches_fp32_reference():
     pl.merge_lora(model)
     assert close(model(inputs), unmerged)
     assert (autocast_out - unmerged).abs().max() < 0.05 * unmerged.abs().max()
+
+
+def test_freeze_batchnorm_keeps_running_statistics_while_the_rest_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.LazyLinear(2))
+    model(x)  # materialise the lazy layer
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    model.train()
+    pl.freeze_batchnorm(model)
+    model(x)
+    assert all(torch.equal(v, before[k]) for k, v in model[1].state_dict().items())
+    assert not model[1].training and model[2].training  # only BatchNorm left train mode
+    model.train()
+    model(x)  # without it, a forward pass in train mode moves them
+    assert not torch.equal(model[1].running_mean, before["running_mean"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import prunelora as pl
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
                          save_checkpoint)
 from cli import (ArgumentParser, Diverged, UserError, autocast, pick_device, positive_float, positive_int,
@@ -27,18 +28,24 @@ from models import ARCHS, build_model, check_arch, to_device
 
 
 def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=None, loss_fn=F.cross_entropy,
-        start_epoch=0, on_epoch_end=None, test_images=None, test_labels=None, log=print):
+        start_epoch=0, on_epoch_end=None, test_images=None, test_labels=None, freeze_bn=False, log=print):
     """Train on data.train_images[index] for epochs, augmented, with bf16 autocast on CUDA.
 
     lr_at(step) sets the learning rate per step (None: keep the optimizer's). loss_fn(logits, labels)
     may be anything (unlearn.py passes gradient ascent and random labels). on_epoch_end(epoch, test_acc) runs
-    after each epoch with the test accuracy when test images are given (train.py saves there). Raises Diverged on a NaN/inf loss.
+    after each epoch with the test accuracy when test images are given (train.py saves there). freeze_bn keeps
+    every BatchNorm in eval mode (pl.freeze_batchnorm). Raises Diverged on a NaN/inf loss.
     """
     images, labels = data.train_images, data.train_labels
     device = images.device
     index = index.to(device)
     steps_per_epoch = max(len(index) // batch_size, 1)  # drop the last partial batch: BatchNorm needs > 1 image
-    model.train()
+
+    def train_mode():
+        model.train()
+        if freeze_bn:
+            pl.freeze_batchnorm(model)
+    train_mode()
     run_start, run_steps, steps_done, said_estimate = time.time(), (epochs - start_epoch) * steps_per_epoch, 0, False
     for epoch in range(start_epoch, epochs):
         start, last_live = time.time(), time.time()
@@ -80,7 +87,7 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
         # the last step's update can break the model without any loss showing it: check its outputs
         # (on the test images, else on the last batch) before the epoch counts and anything saves it
         outputs = predict(model, data, test_images if test_images is not None else images[batch])
-        model.train()
+        train_mode()
         if not torch.isfinite(outputs).all():
             lr = optimizer.param_groups[0]["lr"]
             raise Diverged(f"the model's outputs became NaN or infinite after epoch {epoch + 1}, step {steps_per_epoch} "

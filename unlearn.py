@@ -36,7 +36,7 @@ NOT_UNLEARNED = ("hidden",)  # references only: their models are never saved whe
 # facts holds trainable_params and, for Retrain, the seconds its training took
 
 
-def finetune_on(model, data, index, args, loss_fn=F.cross_entropy, lr=None):
+def finetune_on(model, data, index, args, loss_fn=F.cross_entropy, lr=None, freeze_bn=False):
     """Adam on the trainable parameters, warm-up + cosine schedule, args.epochs over data[index]."""
     params = [p for p in model.parameters() if p.requires_grad]
     peak = lr or args.lr
@@ -44,7 +44,7 @@ def finetune_on(model, data, index, args, loss_fn=F.cross_entropy, lr=None):
     generator = torch.Generator().manual_seed(args.seed)
     fit(model, data, index, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
         generator=generator, lr_at=lambda step, total: warmup_cosine(step, total, peak), loss_fn=loss_fn,
-        log=lambda line: print("   ", line, flush=True))
+        freeze_bn=freeze_bn, log=lambda line: print("   ", line, flush=True))
     return dict(trainable_params=sum(p.numel() for p in params))
 
 
@@ -67,7 +67,7 @@ def unlearn_prunelora(model, data, split, args):
     pl.prune_global(model, args.prune_amount, exclude=HEAD)                                      # 1. prune
     pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)   # 2. adapt
     pl.mark_only_lora_trainable(model, keep=HEAD)
-    facts = finetune_on(model, data, split["retain"], args, lr=args.lora_lr)                     # 3. unlearn
+    facts = finetune_on(model, data, split["retain"], args, lr=args.lora_lr, freeze_bn=args.freeze_bn)  # 3. unlearn
     return pl.merge_lora(model), facts
 
 
@@ -76,7 +76,7 @@ def unlearn_lora(model, data, split, args):
     reset_forget_rows(model, args)
     pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)
     pl.mark_only_lora_trainable(model, keep=HEAD)
-    facts = finetune_on(model, data, split["retain"], args, lr=args.lora_lr)
+    facts = finetune_on(model, data, split["retain"], args, lr=args.lora_lr, freeze_bn=args.freeze_bn)
     return pl.merge_lora(model), facts
 
 
@@ -258,6 +258,10 @@ def parse_args():
     parser.add_argument("--reset-head", type=int, choices=(0, 1), default=1,
                         help="1: re-initialise the forget classes' head rows before fine-tuning on retained data "
                         "(prunelora, lora, finetune, prune-finetune); 0: keep them, as the paper does")
+    parser.add_argument("--freeze-bn", type=int, choices=(0, 1), default=0,
+                        help="1: BatchNorm statistics stay the base's during prunelora and lora (eval-mode BatchNorm), "
+                        "so only the low-rank update and the head change; 0: they drift with the retained data, "
+                        "as in the paper's code")
     parser.add_argument("--depth", action="store_true",
                         help="also measure forgetting depth: relearn steps, linear-probe and 10-shot NCM accuracy, "
                         "and with retrain in the run a depth score, 0 = hidden, 1 = Retrain (slower)")
