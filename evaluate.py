@@ -7,6 +7,8 @@ MIA  = MIA-efficacy, Jia et al. 2023 (confidence-based): a threshold on the soft
        of the true label is fit to tell retained training images (members) from retained test
        images (non-members), equal counts; MIA is the share of the forget classes' training
        images that it calls non-members                       (higher: more forgotten)
+       attack acc: that attack's accuracy on a held-out half (about 50: MIA is noise);
+       MIA - Retrain: read MIA beside Retrain's (far above it is over-unlearning)
 RA   = accuracy on the retained classes' training images      (higher: more retained)
 TA   = test accuracy on the retained classes                  (higher: more retained)
 
@@ -71,6 +73,38 @@ def mia_efficacy(train_scores_retain, test_scores_retain, forget_scores, seed=0)
     return percent(forget_scores < threshold)
 
 
+def attack_accuracy(members, nonmembers, seed=0):
+    """How well the threshold attack tells members from non-members at all: fit on one half of
+    each (equal counts, drawn with seed), accuracy (%) on the other half. Near 50, MIA-efficacy is
+    noise: the model treats its training images and unseen images alike."""
+    n = min(len(members), len(nonmembers)) // 2
+    if n == 0:
+        return float("nan")
+    generator = torch.Generator().manual_seed(seed)
+    members = members[torch.randperm(len(members), generator=generator).to(members.device)]
+    nonmembers = nonmembers[torch.randperm(len(nonmembers), generator=generator).to(nonmembers.device)]
+    threshold = fit_threshold(members[:n], nonmembers[:n])
+    held_out = torch.cat([members[n:2 * n] >= threshold, nonmembers[n:2 * n] < threshold])
+    return percent(held_out)
+
+
+def mia_gaps(rows, noise_sigmas=3):
+    """With a retrain row: each row's MIA_gap = its MIA - Retrain's, and the methods whose MIA is far
+    above Retrain's (over-unlearning: the forget images look less like training data than unseen
+    images do, which an attacker can see too). Far = more than noise_sigmas binomial standard
+    errors of a share measured on the forget images (at least 1 point): a gap sampling noise of
+    the forget set does not explain. Returns the names of those methods."""
+    if "MIA" not in rows.get("retrain", {}):
+        return []
+    retrain, n = rows["retrain"]["MIA"], rows["retrain"].get("forget_count", 0)
+    p = retrain / 100
+    far = max(1.0, 100 * noise_sigmas * math.sqrt(p * (1 - p) / n)) if n else 1.0
+    for row in rows.values():
+        if "MIA" in row:
+            row["MIA_gap"] = row["MIA"] - retrain
+    return [name for name, row in rows.items() if name not in ("base", "retrain") and row.get("MIA_gap", 0) > far]
+
+
 def forget_mask(labels, forget_classes):
     return torch.isin(labels, torch.tensor(list(forget_classes), dtype=torch.long, device=labels.device))
 
@@ -94,9 +128,11 @@ def unlearning_metrics(model, data, forget_classes, train_index=None):
     return dict(
         UA=100 - percent(train_correct[train_forget]),
         MIA=mia_efficacy(train_scores[~train_forget], test_scores[~test_forget], train_scores[train_forget]),
+        MIA_attack_acc=attack_accuracy(train_scores[~train_forget], test_scores[~test_forget]),
         RA=percent(train_correct[~train_forget]),
         TA=percent(test_correct[~test_forget]),
         forget_test_acc=percent(test_correct[test_forget]),
+        forget_count=int(train_forget.sum()),
     )
 
 # -----------------------------------------------------------------------------
@@ -295,7 +331,8 @@ def add_depth_scores(rows, measure="ncm_acc"):
 # tables
 
 
-COLUMNS = [("UA", "UA", "{:.2f}"), ("MIA", "MIA", "{:.2f}"), ("RA", "RA", "{:.2f}"), ("TA", "TA", "{:.2f}"),
+COLUMNS = [("UA", "UA", "{:.2f}"), ("MIA", "MIA", "{:.2f}"), ("MIA_gap", "MIA - Retrain", "{:+.2f}"),
+           ("MIA_attack_acc", "attack acc", "{:.2f}"), ("RA", "RA", "{:.2f}"), ("TA", "TA", "{:.2f}"),
            ("forget_test_acc", "forget test acc", "{:.2f}"), ("seconds", "seconds", "{:.1f}"),
            ("time_vs_retrain", "time / Retrain", "{:.3f}"), ("step_time_vs_finetune", "step time / finetune", "{:.2f}"), ("trainable_params", "trainable params", "{:,}"),
            ("trainable_share", "trainable share", "{:.4f}"), ("sparsity", "sparsity", "{:.4f}"),

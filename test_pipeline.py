@@ -15,7 +15,7 @@ from checkpoints import default_checkpoint, load_checkpoint
 from cli import UserError
 from data import Data, load_dataset, training_index
 from models import build_model
-from evaluate import fit_threshold, mia_efficacy, unlearning_metrics
+from evaluate import attack_accuracy, fit_threshold, mia_efficacy, mia_gaps, unlearning_metrics
 
 HERE = Path(__file__).resolve().parent
 FAST_BASE = ["--arch", "cnn", "--base-epochs", "2", "--base-batch-size", "32", "--base-lr", "0.05"]
@@ -46,6 +46,21 @@ def test_threshold_separates_separable_scores():
     t = fit_threshold(members, nonmembers)
     assert 3.0 < t <= 5.0
     assert mia_efficacy(members, nonmembers, torch.tensor([0.0, 2.5, 6.5])) == pytest.approx(200 / 3)
+
+
+def test_attack_accuracy_is_100_on_separable_scores_and_about_50_on_alike_ones():
+    generator = torch.Generator().manual_seed(0)
+    assert attack_accuracy(torch.rand(400, generator=generator) + 2, torch.rand(400, generator=generator)) == 100
+    alike = attack_accuracy(torch.rand(4000, generator=generator), torch.rand(4000, generator=generator))
+    assert 45 <= alike <= 55  # the attack cannot tell them apart: MIA-efficacy would be noise
+
+
+def test_mia_gap_to_retrain_and_the_far_above_warning():
+    rows = {"base": dict(MIA=10.0), "retrain": dict(MIA=50.0, forget_count=1000),
+            "over": dict(MIA=60.0), "close": dict(MIA=52.0), "under": dict(MIA=20.0)}
+    assert mia_gaps(rows) == ["over"]  # far = 3 standard errors of a share of 1,000 images: 4.7 points
+    assert [rows[m]["MIA_gap"] for m in ("retrain", "over", "close", "under")] == [0, 10, 2, -30]
+    assert mia_gaps({"base": dict(MIA=10.0)}) == []  # without Retrain there is nothing to read against
 
 
 def test_metrics_of_a_model_that_predicts_one_class():

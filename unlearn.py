@@ -23,7 +23,7 @@ from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict,
                          model_from_checkpoint, save_checkpoint, save_text)
 from cli import ArgumentParser, UserError, autocast, fraction, pick_device, positive_float, positive_int, run_cli
 from data import check_classes, check_dataset_name, load_dataset, make_batch, predict, training_index
-from evaluate import add_depth_scores, depth_metrics, hide_classes, markdown_table, unlearning_metrics
+from evaluate import add_depth_scores, depth_metrics, hide_classes, markdown_table, mia_gaps, unlearning_metrics
 from models import check_arch, to_device
 from train import RUN_KEYS, add_data_args, add_train_args, fit, train, warmup_cosine
 
@@ -360,6 +360,9 @@ def run_methods(run, args):
         for method, bench in bench_step_times(base, data, split, args, device, steps=10).items():
             if method in rows:
                 rows[method]["step_time_vs_finetune"] = bench["step_time_vs_finetune"]
+    for method in mia_gaps(rows):
+        print(f"warning: {method}'s MIA ({rows[method]['MIA']:.2f}) is far above Retrain's ({rows['retrain']['MIA']:.2f}): "
+              "over-unlearning; its forget images look less like training data than unseen images do", flush=True)
     return add_depth_scores(rows)
 
 
