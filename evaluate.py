@@ -331,9 +331,9 @@ def add_depth_scores(rows, measure="ncm_acc"):
 # tables
 
 
-COLUMNS = [("UA", "UA", "{:.2f}"), ("MIA", "MIA", "{:.2f}"), ("MIA_gap", "MIA - Retrain", "{:+.2f}"),
-           ("MIA_attack_acc", "attack acc", "{:.2f}"), ("RA", "RA", "{:.2f}"), ("TA", "TA", "{:.2f}"),
-           ("forget_test_acc", "forget test acc", "{:.2f}"), ("seconds", "seconds", "{:.1f}"),
+COLUMNS = [("UA", "UA", "{:.2f}"), ("MIA", "MIA", "{:.2f}"), ("RA", "RA", "{:.2f}"), ("TA", "TA", "{:.2f}"),
+           ("forget_test_acc", "forget test acc", "{:.2f}"), ("MIA_gap", "MIA - Retrain", "{:+.2f}"),
+           ("MIA_attack_acc", "attack acc", "{:.2f}"), ("seconds", "seconds", "{:.1f}"),
            ("time_vs_retrain", "time / Retrain", "{:.3f}"), ("step_time_vs_finetune", "step time / finetune", "{:.2f}"), ("trainable_params", "trainable params", "{:,}"),
            ("trainable_share", "trainable share", "{:.4f}"), ("sparsity", "sparsity", "{:.4f}"),
            ("inference_time_ratio", "inference time / base", "{:.2f}"), ("peak_memory_mb", "peak GPU MB", "{:.0f}"),
