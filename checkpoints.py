@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from cli import UserError
-from models import ARCHS, build_model
+from models import ARCHS, build_model, to_device
 
 # -----------------------------------------------------------------------------
 # files: written to a temporary name and renamed, so a kill never leaves half a file
@@ -116,3 +116,8 @@ def default_checkpoint(dataset, arch, exclude=(), width=None):
         arch = f"{arch}-w{width}"
     suffix = f"-without{'-'.join(map(str, exclude))}" if exclude else ""
     return Path("checkpoints") / f"{name}-{arch}{suffix}.pt"
+
+
+def fresh_model(base, device):
+    """A new copy of the base model on the device, laid out as train.py trains it."""
+    return to_device(model_from_checkpoint(base), device)

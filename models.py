@@ -169,6 +169,8 @@ class SmallCNN(nn.Module):
 # -----------------------------------------------------------------------------
 # by name
 
+HEAD = ("head",)  # every architecture here names its classifier "head": exclude=HEAD means the same everywhere
+
 # name: (constructor(in_channels, num_classes, width), default width or None where --width does not apply)
 ARCHS = {
     "resnet18": (lambda c, k, w: ResNet(BasicBlock, (2, 2, 2, 2), c, k, w), 64),

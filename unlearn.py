@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 
 import prunelora as pl
+from bench import bench_step_times, inference_seconds, print_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
-                         model_from_checkpoint, save_checkpoint, save_text)
-from cli import ArgumentParser, UserError, autocast, fraction, pick_device, positive_float, positive_int, run_cli
-from data import check_classes, check_dataset_name, load_dataset, make_batch, predict, training_index
+                         fresh_model, model_from_checkpoint, save_checkpoint, save_text)
+from cli import ArgumentParser, UserError, fraction, pick_device, positive_float, positive_int, run_cli
+from data import check_classes, check_dataset_name, load_dataset, training_index
 from evaluate import add_depth_scores, depth_metrics, hide_classes, markdown_table, mia_gaps, unlearning_metrics
-from models import check_arch, to_device
+from models import HEAD, check_arch, to_device
 from train import RUN_KEYS, add_data_args, add_train_args, fit, train, warmup_cosine
 
-HEAD = ("head",)  # every architecture in models.py names its classifier "head"
 METHODS = ("prunelora", "retrain", "finetune", "prune-finetune", "lora", "ga", "rl", "hidden")
 NOT_UNLEARNED = ("hidden",)  # references only: their models are never saved where unlearned models go
 
@@ -142,71 +142,7 @@ UNLEARN = {"prunelora": unlearn_prunelora, "retrain": unlearn_retrain, "finetune
            "hidden": unlearn_hidden}
 
 # -----------------------------------------------------------------------------
-# measuring
-
-
-@torch.no_grad()
-def inference_seconds(model, data, repeats=10, batch_size=256):
-    """Fastest of several forward passes over a test batch (the minimum is the least disturbed
-    by other work on the machine)."""
-    batch = data.test_images[:batch_size]
-    predict(model, data, batch)  # warm-up
-    times = []
-    for _ in range(repeats):
-        if batch.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        predict(model, data, batch)
-        if batch.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def bench_step_times(base, data, split, args, device, steps):
-    """Seconds per training step on one fixed batch of retained images: full fine-tuning vs LoRA
-    (dense base, factored path) vs PruneLoRA (pruned base, masked update), each with Adam."""
-    batch = split["retain"][:args.batch_size].to(device)
-    x, y = make_batch(data, data.train_images, batch), data.train_labels[batch]
-    setups = {
-        "finetune": lambda model: None,
-        "lora": lambda model: pl.add_lora(model, args.rank, args.alpha, args.lora_dropout, exclude=HEAD),
-        "prunelora": lambda model: (pl.prune_global(model, args.prune_amount, exclude=HEAD),
-                                    pl.add_lora(model, args.rank, args.alpha, args.lora_dropout, exclude=HEAD)),
-    }
-    rows = {}
-    for name, setup in setups.items():
-        model = fresh_model(base, device)
-        setup(model)
-        if name != "finetune":
-            pl.mark_only_lora_trainable(model, keep=HEAD)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=1e-9)  # a tiny step: the timing, not the weights, matters
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for step in range(steps + 3):  # 3 warm-up steps
-            start = time.perf_counter()
-            with autocast(device):
-                loss = F.cross_entropy(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        rows[name] = dict(step_ms=1000 * min(times[3:]), trainable_params=sum(p.numel() for p in params))
-        if device.type == "cuda":
-            rows[name]["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    for row in rows.values():
-        row["step_time_vs_finetune"] = row["step_ms"] / rows["finetune"]["step_ms"]
-    return rows
-
-
-def fresh_model(base, device):
-    """A new copy of the base model on the device, laid out as train.py trains it."""
-    return to_device(model_from_checkpoint(base), device)
+# one method, measured
 
 
 def run_method(method, base, data, split, args, device):
@@ -325,13 +261,6 @@ def setup(args):
           f"({', '.join(data.classes[c] for c in args.forget_class)}): {len(split['forget'])} forget and "
           f"{len(split['retain'])} retained training images, {args.arch}, on {device}", flush=True)
     return Run(methods, device, data, base, base_path, split, tag, results)
-
-
-def print_bench(rows, args, device):
-    print(f"\nbatch of {args.batch_size} on {device}, fastest of {args.bench_steps} steps after 3 warm-up steps:")
-    for name, row in rows.items():
-        print(f"  {name:10s} {row['step_ms']:8.1f} ms/step  {row['step_time_vs_finetune']:.2f} x finetune  "
-              f"{row['trainable_params']:,} trainable" + (f"  {row['peak_memory_mb']:.0f} MB peak" if "peak_memory_mb" in row else ""))
 
 
 def run_methods(run, args):
