@@ -20,6 +20,7 @@ depth score   = NCM acc on the scale 0 = hidden (the base's features), 1 = Retra
 """
 import copy
 import math
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -337,19 +338,39 @@ COLUMNS = [("UA", "UA", "{:.2f}"), ("MIA", "MIA", "{:.2f}"), ("RA", "RA", "{:.2f
            ("time_vs_retrain", "time / Retrain", "{:.3f}"), ("step_time_vs_finetune", "step time / finetune", "{:.2f}"), ("trainable_params", "trainable params", "{:,}"),
            ("trainable_share", "trainable share", "{:.4f}"), ("sparsity", "sparsity", "{:.4f}"),
            ("inference_time_ratio", "inference time / base", "{:.2f}"), ("peak_memory_mb", "peak GPU MB", "{:.0f}"),
-           ("relearn_steps", "relearn steps", "{}"), ("probe_acc", "probe acc", "{:.2f}"),
+           ("relearn_steps", "relearn steps", "{:.4g}"), ("probe_acc", "probe acc", "{:.2f}"),
            ("ncm_acc", "10-shot NCM acc", "{:.2f}"), ("depth_score", "depth score", "{:.2f}")]
 
 
-def markdown_table(rows):
-    """rows: {name: {metric: value}} -> a Markdown table with the columns that any row has."""
+def markdown_table(rows, spread=None):
+    """rows: {name: {metric: value}} -> a Markdown table with the columns that any row has;
+    with spread (the same shape), each cell reads 'value ± spread'."""
     columns = [c for c in COLUMNS if any(c[0] in row for row in rows.values())]
     lines = ["| method | " + " | ".join(title for _, title, _ in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
-        cells = [fmt.format(row[key]) if row.get(key) is not None else "" for key, _, fmt in columns]
+        cells = []
+        for key, _, fmt in columns:
+            cell = fmt.format(row[key]) if row.get(key) is not None else ""
+            if spread is not None and spread.get(name, {}).get(key) is not None and cell:
+                cell += " ± " + fmt.replace("+", "").format(spread[name][key])
+            cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summarize(runs):
+    """runs: a list of rows dicts, one per seed -> (mean rows, standard-deviation rows), over every
+    number that all runs have (sample standard deviation; 0 for a single run)."""
+    mean, spread = {}, {}
+    for name in runs[0]:
+        mean[name], spread[name] = {}, {}
+        for key, first in runs[0][name].items():
+            values = [run.get(name, {}).get(key) for run in runs]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+                mean[name][key] = statistics.fmean(values)
+                spread[name][key] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, spread
 
 # -----------------------------------------------------------------------------
 # command line

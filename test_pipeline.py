@@ -101,6 +101,26 @@ def test_unlearn_all_methods_from_the_command_line(synthetic_dataset, base_check
     assert not (tmp_path / "checkpoints" / "unlearned" / f"{json_path.stem}-hidden.pt").exists()
 
 
+def test_several_seeds_run_the_comparison_once_each_with_their_own_base_and_report_the_mean(synthetic_dataset, tmp_path):
+    dataset, data_dir = synthetic_dataset
+    result = run("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--forget-class", "1",
+                 "--method", "prunelora,finetune", "--seed", "0", "1", *FAST_BASE, *FAST_UNLEARN, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    stem = Path(default_checkpoint(dataset, "cnn")).stem
+    for seed in (0, 1):  # each seed trained its own base
+        assert (tmp_path / default_checkpoint(dataset, "cnn", seed=seed)).is_file()
+    saved = json.loads((tmp_path / "results" / f"{stem}-forget1-seeds0-1.json").read_text())
+    assert set(saved["per_seed"]) == {"0", "1"} and saved["settings"]["seed"] == [0, 1]
+    for method in ("base", "prunelora", "finetune"):
+        per_seed = [saved["per_seed"][s][method]["RA"] for s in ("0", "1")]
+        assert saved["results"][method]["RA"] == pytest.approx(sum(per_seed) / 2)
+        assert saved["spread"][method]["RA"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
+    assert "±" in result.stdout
+    unlearned = [torch.load(tmp_path / "checkpoints" / "unlearned" / f"{name}-forget1-prunelora.pt", weights_only=True)
+                 for name in (stem, f"{stem}-seed1")]
+    assert not torch.equal(*(u["state_dict"]["head.weight"] for u in unlearned))  # two seeds, two different runs
+
+
 def test_retrain_uses_a_complete_retrain_checkpoint_of_the_same_settings(synthetic_dataset, base_checkpoint, tmp_path):
     dataset, data_dir = synthetic_dataset
     args = ("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--base", base_checkpoint,

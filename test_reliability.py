@@ -440,6 +440,7 @@ MISTAKES = {
     "train-negative-width": (T, "{data} --arch resnet18 --width -16", "--width: -16"),
     "train-fractional-width": (T, "{data} --arch resnet18 --width 1.5", "'1.5'"),
     "train-width-of-the-cnn": (T, "{data} --arch cnn --width 16", "--width 16"),
+    "unlearn-seed-repeated": (U, "{data} --arch cnn --base {base} --forget-class 1 --seed 2 2", "2 2"),
     "unlearn-width-other-than-the-base": (U, "{data} --arch cnn --base {base} --forget-class 1 --width 8", "--width 8"),
     "train-unwritable-out": (T, "{data} --arch cnn --out {tmp}/somefile/x.pt", "{tmp}/somefile"),
     "unlearn-class-out-of-range": (U, "{data} --arch cnn --base {base} --forget-class 4", "--forget-class 4"),

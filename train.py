@@ -190,7 +190,7 @@ def train(args, data, device, log=print):
 # command line
 
 
-def add_data_args(parser):
+def add_data_args(parser, many_seeds=False):
     parser.add_argument("--dataset", default="cifar10", help=f"{DATASET_HELP} (default cifar10)")
     parser.add_argument("--data-dir", default="data", help="where torchvision datasets and caches live")
     parser.add_argument("--arch", default="resnet18", help=f"{', '.join(ARCHS)} (default resnet18)")
@@ -199,7 +199,12 @@ def add_data_args(parser):
                         "16 trains about 12x faster on a CPU")
     parser.add_argument("--train-limit", type=positive_int, default=None,
                         help="use only this many training images, the same number per class")
-    parser.add_argument("--seed", type=int, default=0)
+    if many_seeds:  # unlearn.py: the whole comparison once per seed
+        parser.add_argument("--seed", type=int, nargs="+", default=[0], metavar="S",
+                            help="seeds model init, data order and augmentation; several: one comparison each, "
+                            "and a table of mean and standard deviation")
+    else:
+        parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
 
@@ -224,7 +229,7 @@ def main():
     args = parser.parse_args()
     check_dataset_name(args.dataset)
     check_arch(args.arch, args.width)  # unknown arch, or a width it has not: fail before loading any data
-    args.out = str(args.out or default_checkpoint(args.dataset, args.arch, args.exclude_class, args.width))
+    args.out = str(args.out or default_checkpoint(args.dataset, args.arch, args.exclude_class, args.width, args.seed))
     check_writable(args.out)
     device = pick_device(args.device)
     data = load_dataset(args.dataset, args.data_dir)

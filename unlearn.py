@@ -24,7 +24,8 @@ from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict,
                          fresh_model, model_from_checkpoint, save_checkpoint, save_text)
 from cli import ArgumentParser, UserError, fraction, pick_device, positive_float, positive_int, run_cli
 from data import check_classes, check_dataset_name, load_dataset, training_index
-from evaluate import add_depth_scores, depth_metrics, hide_classes, markdown_table, mia_gaps, unlearning_metrics
+from evaluate import (add_depth_scores, depth_metrics, hide_classes, markdown_table, mia_gaps, summarize,
+                      unlearning_metrics)
 from models import HEAD, check_arch, to_device
 from train import RUN_KEYS, add_data_args, add_train_args, fit, train, warmup_cosine
 
@@ -119,7 +120,7 @@ def unlearn_retrain(model, data, split, args):
     complete and continued where it was cut, so a long comparison can be run again without
     training Retrain twice; any other file at that path is trained over, as train.py would."""
     retrain_args = dict(args.base_ckpt["args"], exclude_class=list(args.forget_class))
-    out = default_checkpoint(data.name, args.arch, args.forget_class, retrain_args.get("width"))
+    out = default_checkpoint(data.name, args.arch, args.forget_class, retrain_args.get("width"), retrain_args["seed"])
     try:
         previous = load_checkpoint(out) if out.is_file() else None
     except UserError:  # not a checkpoint we can read: trained over
@@ -180,8 +181,9 @@ def parse_args():
     parser = ArgumentParser(description="Unlearn classes with PruneLoRA and baselines; print the paper's table.")
     parser.add_argument("--forget-class", type=int, nargs="+", required=True, metavar="K")
     parser.add_argument("--method", default="prunelora", help=f"{', '.join(METHODS)}, a comma list, or all")
-    add_data_args(parser)
-    parser.add_argument("--base", default=None, help="base checkpoint (default checkpoints/<dataset>-<arch>.pt)")
+    add_data_args(parser, many_seeds=True)
+    parser.add_argument("--base", default=None,
+                        help="base checkpoint for every seed (default checkpoints/<dataset>-<arch>[-seed<S>].pt, one per seed)")
     parser.add_argument("--epochs", type=positive_int, default=5, help="unlearning epochs (the paper's 5)")
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate of the full-weight methods")
@@ -209,84 +211,117 @@ def parse_args():
 
 
 @dataclass
+class Base:
+    """One seed's base model and what follows from it."""
+    seed: int
+    ckpt: dict            # the base checkpoint (None until trained, where it was missing)
+    path: Path
+    split: dict = None    # train / retain / forget: training-image indices
+    tag: str = ""         # <dataset>-<arch>[-w<width>][-seed<S>]-forget<K>: names its unlearned checkpoints
+
+
+@dataclass
 class Run:
     """What setup() found and prepared: everything the methods and the report need besides args."""
     methods: list
     device: torch.device
     data: object          # data.Data, on the device
-    base: dict            # the base checkpoint
-    base_path: Path
-    split: dict           # train / retain / forget: training-image indices
-    tag: str              # <dataset>-<arch>[-w<width>]-forget<K>: names the results and checkpoints
+    bases: list           # a Base per seed
     results: Path         # the .json; the .md beside it
 
 
+def check_base(path, args):
+    """Load and check an existing base checkpoint; None where it is to be trained."""
+    if not (args.base or path.exists()):
+        return None
+    ckpt = load_checkpoint(path, args.dataset, args.arch)
+    if not ckpt.get("complete", True):
+        raise UserError(f"base checkpoint {path} is unfinished; finish it with 'python train.py --resume --out {path}'")
+    if args.width is not None and check_arch(args.arch, ckpt.get("width")) != args.width:
+        raise UserError(f"--width {args.width} does not match base checkpoint {path}, whose width is "
+                        f"{check_arch(args.arch, ckpt.get('width'))}; leave --width out or pass another --base")
+    return ckpt
+
+
+def train_base(base, args, data, device):
+    print(f"no base checkpoint at {base.path}: training one first with train.py's defaults", flush=True)
+    base_args = argparse.Namespace(dataset=args.dataset, arch=args.arch, width=args.width, epochs=args.base_epochs,
+                                   batch_size=args.base_batch_size, lr=args.base_lr, momentum=args.base_momentum,
+                                   weight_decay=args.base_weight_decay, seed=base.seed, exclude_class=[],
+                                   train_limit=args.train_limit, out=str(base.path), resume=False)
+    return train(base_args, data, device)
+
+
 def setup(args):
-    """Every check before any work, so that a mistake writes nothing; then the data, the base model
-    (trained first if missing) and the split into forget and retained training images."""
+    """Every check before any work, so that a mistake writes nothing; then the data, each seed's base
+    model (trained first if missing) and the split into forget and retained training images."""
     methods = parse_methods(args.method)
     check_dataset_name(args.dataset)
     check_arch(args.arch, args.width)
+    if len(set(args.seed)) != len(args.seed):
+        raise UserError(f"--seed repeats a seed ({' '.join(map(str, args.seed))}); name each once")
     device = pick_device(args.device)
-    base_path = Path(args.base or default_checkpoint(args.dataset, args.arch, width=args.width))
-    base = load_checkpoint(base_path, args.dataset, args.arch) if args.base or base_path.exists() else None
-    if base is not None and not base.get("complete", True):
-        raise UserError(f"base checkpoint {base_path} is unfinished; finish it with 'python train.py --resume --out {base_path}'")
-    if base is not None and args.width is not None and check_arch(args.arch, base.get("width")) != args.width:
-        raise UserError(f"--width {args.width} does not match base checkpoint {base_path}, whose width is "
-                        f"{check_arch(args.arch, base.get('width'))}; leave --width out or pass another --base")
+    bases = []
+    for seed in args.seed:
+        path = Path(args.base or default_checkpoint(args.dataset, args.arch, width=args.width, seed=seed))
+        bases.append(Base(seed, check_base(path, args), path))
     data = load_dataset(args.dataset, args.data_dir)
-    if base is not None:
-        check_checkpoint_fits(base, data, base_path)
+    for base in bases:
+        if base.ckpt is not None:
+            check_checkpoint_fits(base.ckpt, data, base.path)
     check_classes(args.forget_class, data.num_classes, "--forget-class", must_leave=2)
-    width = check_arch(args.arch, base.get("width") if base is not None else args.width)
-    tag = f"{default_checkpoint(args.dataset, args.arch, width=width).stem}-forget{'-'.join(map(str, args.forget_class))}"
-    results = Path(args.out_dir) / f"{tag}.json"
-    for path in (results, results.with_suffix(".md"), base_path, Path("checkpoints/unlearned") / f"{tag}.pt"):
+    forget_tag = f"forget{'-'.join(map(str, args.forget_class))}"
+    for base in bases:
+        width = check_arch(args.arch, base.ckpt.get("width") if base.ckpt is not None else args.width)
+        base.tag = f"{default_checkpoint(args.dataset, args.arch, width=width, seed=base.seed).stem}-{forget_tag}"
+    if len(bases) == 1:
+        name = bases[0].tag
+    else:  # one file for all seeds: <dataset>-<arch>[-w<width>]-forget<K>-seeds<S>-<S>...
+        name = f"{default_checkpoint(args.dataset, args.arch, width=width).stem}-{forget_tag}-seeds{'-'.join(map(str, args.seed))}"
+    results = Path(args.out_dir) / f"{name}.json"
+    for path in (results, results.with_suffix(".md"), Path("checkpoints/unlearned") / f"{bases[0].tag}.pt",
+                 *(base.path for base in bases)):
         check_writable(path)
     data.to(device)
 
-    if base is None:
-        print(f"no base checkpoint at {base_path}: training one first with train.py's defaults", flush=True)
-        base_args = argparse.Namespace(dataset=args.dataset, arch=args.arch, width=args.width, epochs=args.base_epochs,
-                                       batch_size=args.base_batch_size, lr=args.base_lr, momentum=args.base_momentum,
-                                       weight_decay=args.base_weight_decay, seed=args.seed, exclude_class=[],
-                                       train_limit=args.train_limit, out=str(base_path), resume=False)
-        base = train(base_args, data, device)
-    args.base_ckpt = base
-    index = training_index(data, (), base["args"].get("train_limit"))
-    forget = torch.isin(data.train_labels[index.to(device)].cpu(), torch.tensor(args.forget_class))
-    split = dict(train=index, retain=index[~forget], forget=index[forget])
+    for base in bases:
+        base.ckpt = base.ckpt or train_base(base, args, data, device)
+        index = training_index(data, (), base.ckpt["args"].get("train_limit"))
+        forget = torch.isin(data.train_labels[index.to(device)].cpu(), torch.tensor(args.forget_class))
+        base.split = dict(train=index, retain=index[~forget], forget=index[forget])
+    split = bases[0].split
     print(f"forgetting class {' '.join(map(str, args.forget_class))} of {data.name} "
           f"({', '.join(data.classes[c] for c in args.forget_class)}): {len(split['forget'])} forget and "
           f"{len(split['retain'])} retained training images, {args.arch}, on {device}", flush=True)
-    return Run(methods, device, data, base, base_path, split, tag, results)
+    return Run(methods, device, data, bases, results)
 
 
-def run_methods(run, args):
-    """The base row, then each method's row; each unlearned model is saved, merged; depth scores last."""
-    base, data, split, device = run.base, run.data, run.split, run.device
-    base_model = to_device(model_from_checkpoint(base, run.base_path), device)
+def run_methods(run, base, args):
+    """One seed's comparison: the base row, then each method's row; each unlearned model is saved,
+    merged; depth scores last. args is this seed's: args.seed is base.seed."""
+    data, split, device = run.data, base.split, run.device
+    base_model = to_device(model_from_checkpoint(base.ckpt, base.path), device)
     rows = {"base": unlearning_metrics(base_model, data, args.forget_class, split["train"])}
-    rows["base"].update(seconds=base.get("seconds"), sparsity=pl.sparsity(base_model))
+    rows["base"].update(seconds=base.ckpt.get("seconds"), sparsity=pl.sparsity(base_model))
     if args.depth:
         rows["base"].update(depth_metrics(base_model, data, args.forget_class, split["train"], seed=args.seed))
     for method in run.methods:
-        print(f"{method}:", flush=True)
-        model, rows[method] = run_method(method, base, data, split, args, device)
+        print(f"{method}:" + (f" (seed {args.seed})" if len(run.bases) > 1 else ""), flush=True)
+        model, rows[method] = run_method(method, base.ckpt, data, split, args, device)
         # timed back to back, so that other load on the machine affects both alike
         rows[method]["inference_time_ratio"] = inference_seconds(model, data) / inference_seconds(base_model, data)
         if method not in NOT_UNLEARNED:
-            save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base["args"], method=method,
-                                            forget_class=args.forget_class), width=base.get("width"), metrics=rows[method]),
-                            Path("checkpoints/unlearned") / f"{run.tag}-{method}.pt")
+            save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base.ckpt["args"], method=method,
+                                            forget_class=args.forget_class), width=base.ckpt.get("width"),
+                                            metrics=rows[method]),
+                            Path("checkpoints/unlearned") / f"{base.tag}-{method}.pt")
         print(f"    UA {rows[method]['UA']:.2f}  MIA {rows[method]['MIA']:.2f}  RA {rows[method]['RA']:.2f}  "
               f"TA {rows[method]['TA']:.2f}  {rows[method]['seconds']:.1f} s", flush=True)
     if "retrain" in rows:
         for method in run.methods:
             rows[method]["time_vs_retrain"] = rows[method]["seconds"] / rows["retrain"]["seconds"]
     if {"prunelora", "lora", "finetune"} & set(run.methods):  # step times on one batch, side by side
-        for method, bench in bench_step_times(base, data, split, args, device, steps=10).items():
+        for method, bench in bench_step_times(base.ckpt, data, split, args, device, steps=10).items():
             if method in rows:
                 rows[method]["step_time_vs_finetune"] = bench["step_time_vs_finetune"]
     for method in mia_gaps(rows):
@@ -295,11 +330,21 @@ def run_methods(run, args):
     return add_depth_scores(rows)
 
 
-def report(rows, run, args):
-    table = markdown_table(rows)
+def report(per_seed, run, args):
+    """One seed: its table. Several: mean ± standard deviation per cell, and every seed's rows in the JSON."""
     settings = {k: v for k, v in vars(args).items() if k != "base_ckpt"}
-    save_text(json.dumps(dict(settings=settings, base=str(run.base_path), device=str(run.device), results=rows),
-                         indent=2), run.results)
+    bases = [str(base.path) for base in run.bases]
+    if len(per_seed) == 1:
+        (rows,) = per_seed.values()
+        settings["seed"], table = args.seed[0], markdown_table(rows)
+        saved = dict(settings=settings, base=bases[0], device=str(run.device), results=rows)
+    else:
+        mean, spread = summarize(list(per_seed.values()))
+        table = markdown_table(mean, spread)
+        saved = dict(settings=settings, base=bases, device=str(run.device), results=mean, spread=spread,
+                     per_seed={str(seed): rows for seed, rows in per_seed.items()})
+        table = f"mean ± standard deviation over seeds {', '.join(map(str, per_seed))}\n\n{table}"
+    save_text(json.dumps(saved, indent=2), run.results)
     save_text(f"{table}\n", run.results.with_suffix(".md"))
     print(f"\n{table}\n\nwritten to {run.results} and {run.results.with_suffix('.md')}")
 
@@ -308,10 +353,15 @@ def main():
     args = parse_args()
     run = setup(args)
     if args.bench_steps:
-        rows = bench_step_times(run.base, run.data, run.split, args, run.device, args.bench_steps)
+        base = run.bases[0]
+        rows = bench_step_times(base.ckpt, run.data, base.split, args, run.device, args.bench_steps)
         print_bench(rows, args, run.device)
         return
-    report(run_methods(run, args), run, args)
+    per_seed = {}
+    for base in run.bases:
+        seed_args = argparse.Namespace(**dict(vars(args), seed=base.seed, base_ckpt=base.ckpt))
+        per_seed[base.seed] = run_methods(run, base, seed_args)
+    report(per_seed, run, args)
 
 
 if __name__ == "__main__":
