@@ -169,13 +169,60 @@ def check_classes(classes, num_classes, flag, must_leave=0):
         raise UserError(f"{flag} leaves {num_classes - len(classes)} class(es); at least {must_leave} must remain")
 
 
-def training_index(data, exclude_classes=(), train_limit=None):
-    """Which training images a run uses: the balanced --train-limit subset, without excluded classes."""
+def training_index(data, exclude_classes=(), train_limit=None, exclude_index=()):
+    """Which training images a run uses: the balanced --train-limit subset, without excluded classes
+    and without the excluded images (indices into the whole training set)."""
     index = torch.arange(len(data.train_labels))
     if train_limit:
         index = balanced_subset(data.train_labels, train_limit, data.num_classes)
-    keep = ~torch.isin(data.train_labels[index], torch.tensor(list(exclude_classes), dtype=torch.long))
+    keep = ~torch.isin(data.train_labels.cpu()[index], torch.tensor(list(exclude_classes), dtype=torch.long))
+    keep &= ~torch.isin(index, torch.as_tensor(list(exclude_index), dtype=torch.long))
     return index[keep]
+
+def forget_share_index(data, index, share, seed):
+    """--forget-share: that share of the training images in index, the same share of every class
+    (round(share * n_c) images of class c), drawn with seed; sorted."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = data.train_labels[index.to(data.train_labels.device)].cpu()
+    picks = []
+    for c in range(data.num_classes):
+        members = index[labels == c]
+        k = round(share * len(members))
+        if len(members) and k >= len(members):
+            raise UserError(f"--forget-share {share} forgets every image of class {c} ({data.classes[c]}); "
+                            "choose a smaller share, or forget the class with --forget-class")
+        picks.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    forget = torch.cat(picks).sort().values
+    if not len(forget):
+        raise UserError(f"--forget-share {share} forgets no image of the {len(index)} training images; choose a larger share")
+    return forget
+
+
+def read_forget_index(path, index):
+    """--forget-index FILE: one training-image index per line, each among index (the images the run
+    uses), none twice; returns them sorted."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--forget-index {path} does not exist; give a file with one training-image index per line")
+    try:
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--forget-index {path} cannot be read as text ({type(e).__name__})") from None
+    if not lines:
+        raise UserError(f"--forget-index {path} is empty; give one training-image index per line")
+    bad = next((line for line in lines if not line.lstrip("-").isdigit()), None)
+    if bad is not None:
+        raise UserError(f"--forget-index {path}: {bad!r} is not a whole number; give one training-image index per line")
+    forget = torch.tensor([int(line) for line in lines], dtype=torch.long)
+    outside = forget[~torch.isin(forget, index.cpu())]
+    if len(outside):
+        raise UserError(f"--forget-index {path}: {int(outside[0])} is out of range; allowed: the {len(index)} "
+                        f"training images this run uses (0 to {int(index.max())}{', the --train-limit subset' if len(index) <= int(index.max()) else ''})")
+    if len(forget.unique()) != len(forget):
+        twice = next(int(v) for v, n in zip(*forget.unique(return_counts=True)) if n > 1)
+        raise UserError(f"--forget-index {path} names image {twice} more than once; name each once")
+    return forget.sort().values
+
 
 # -----------------------------------------------------------------------------
 # batches, augmentation and prediction, on the device

@@ -89,8 +89,9 @@ def attack_accuracy(members, nonmembers, seed=0):
     return percent(held_out)
 
 
-def mia_gaps(rows, noise_sigmas=3):
-    """With a retrain row: each row's MIA_gap = its MIA - Retrain's, and the methods whose MIA is far
+def gaps_to_retrain(rows, noise_sigmas=3):
+    """With a retrain row: each row's MIA_gap = its MIA - Retrain's and avg_gap, the mean absolute
+    gap to Retrain over UA, MIA, RA and TA (as SalUn reports it); and the methods whose MIA is far
     above Retrain's (over-unlearning: the forget images look less like training data than unseen
     images do, which an attacker can see too). Far = more than noise_sigmas binomial standard
     errors of a share measured on the forget images (at least 1 point): a gap sampling noise of
@@ -103,6 +104,7 @@ def mia_gaps(rows, noise_sigmas=3):
     for row in rows.values():
         if "MIA" in row:
             row["MIA_gap"] = row["MIA"] - retrain
+            row["avg_gap"] = statistics.fmean(abs(row[k] - rows["retrain"][k]) for k in ("UA", "MIA", "RA", "TA"))
     return [name for name, row in rows.items() if name not in ("base", "retrain") and row.get("MIA_gap", 0) > far]
 
 
@@ -110,10 +112,13 @@ def forget_mask(labels, forget_classes):
     return torch.isin(labels, torch.tensor(list(forget_classes), dtype=torch.long, device=labels.device))
 
 
-def unlearning_metrics(model, data, forget_classes, train_index=None):
+def unlearning_metrics(model, data, forget_classes, train_index=None, forget_index=None):
     """UA, MIA, RA, TA and the forget classes' test accuracy, in percent.
 
-    train_index: the training images the model was trained on (the --train-limit subset); all by default."""
+    train_index: the training images the model was trained on (the --train-limit subset); all by default.
+    forget_index: the forget images, when they are a random sample rather than whole classes
+    (forget_classes then empty): UA and MIA on them, RA on the other training images, TA on the
+    whole test set, and no forget test accuracy (no test image is forgotten)."""
     device = data.train_images.device
     if train_index is None:
         train_index = torch.arange(len(data.train_labels))
@@ -121,12 +126,14 @@ def unlearning_metrics(model, data, forget_classes, train_index=None):
     train_labels = data.train_labels[train_index]
     train_logits = predict(model, data, data.train_images[train_index])
     test_logits = predict(model, data, data.test_images)
-    train_forget, test_forget = forget_mask(train_labels, forget_classes), forget_mask(data.test_labels, forget_classes)
+    train_forget = (forget_mask(train_labels, forget_classes) if forget_index is None
+                    else torch.isin(train_index, forget_index.to(device)))
+    test_forget = forget_mask(data.test_labels, forget_classes)
     train_correct = train_logits.argmax(1) == train_labels
     test_correct = test_logits.argmax(1) == data.test_labels
     train_scores = true_label_log_prob(train_logits, train_labels)
     test_scores = true_label_log_prob(test_logits, data.test_labels)
-    return dict(
+    metrics = dict(
         UA=100 - percent(train_correct[train_forget]),
         MIA=mia_efficacy(train_scores[~train_forget], test_scores[~test_forget], train_scores[train_forget]),
         MIA_attack_acc=attack_accuracy(train_scores[~train_forget], test_scores[~test_forget]),
@@ -135,6 +142,9 @@ def unlearning_metrics(model, data, forget_classes, train_index=None):
         forget_test_acc=percent(test_correct[test_forget]),
         forget_count=int(train_forget.sum()),
     )
+    if not forget_classes:
+        del metrics["forget_test_acc"]
+    return metrics
 
 # -----------------------------------------------------------------------------
 # forgetting depth: has the class left the features, or only the head?
@@ -334,7 +344,7 @@ def add_depth_scores(rows, measure="ncm_acc"):
 
 COLUMNS = [("UA", "UA", "{:.2f}"), ("MIA", "MIA", "{:.2f}"), ("RA", "RA", "{:.2f}"), ("TA", "TA", "{:.2f}"),
            ("forget_test_acc", "forget test acc", "{:.2f}"), ("MIA_gap", "MIA - Retrain", "{:+.2f}"),
-           ("MIA_attack_acc", "attack acc", "{:.2f}"), ("seconds", "seconds", "{:.1f}"),
+           ("MIA_attack_acc", "attack acc", "{:.2f}"), ("avg_gap", "avg gap to Retrain", "{:.2f}"), ("seconds", "seconds", "{:.1f}"),
            ("time_vs_retrain", "time / Retrain", "{:.3f}"), ("step_time_vs_finetune", "step time / finetune", "{:.2f}"), ("trainable_params", "trainable params", "{:,}"),
            ("trainable_share", "trainable share", "{:.4f}"), ("sparsity", "sparsity", "{:.4f}"),
            ("inference_time_ratio", "inference time / base", "{:.2f}"), ("peak_memory_mb", "peak GPU MB", "{:.0f}"),

@@ -108,3 +108,24 @@ def test_channels_last_gives_the_same_outputs():
     fast = models.to_device(model, torch.device("cpu"))
     out = fast(x.contiguous(memory_format=torch.channels_last))
     assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_a_forget_share_takes_that_share_of_every_class_once_and_keeps_every_class(synthetic_dataset):
+    dataset, data_dir = synthetic_dataset
+    ds = data.load_dataset(dataset, data_dir)
+    index = data.training_index(ds)
+    forget = data.forget_share_index(ds, index, 0.25, seed=0)
+    per_class = torch.bincount(ds.train_labels[forget], minlength=ds.num_classes)
+    assert per_class.tolist() == [round(0.25 * n) for n in torch.bincount(ds.train_labels).tolist()]
+    assert len(forget.unique()) == len(forget) and torch.isin(forget, index).all()
+    assert torch.equal(forget, data.forget_share_index(ds, index, 0.25, seed=0))  # the seed decides
+    assert not torch.equal(forget, data.forget_share_index(ds, index, 0.25, seed=1))
+    # Retrain's images: the forget set is gone, nothing else
+    kept = data.training_index(ds, exclude_index=forget.tolist())
+    assert not torch.isin(kept, forget).any() and len(kept) + len(forget) == len(index)
+
+
+def test_a_forget_index_file_is_read_sorted(tmp_path):
+    path = tmp_path / "forget.txt"
+    path.write_text("7\n2\n\n5\n")
+    assert data.read_forget_index(path, torch.arange(10)).tolist() == [2, 5, 7]

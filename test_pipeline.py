@@ -15,7 +15,7 @@ from checkpoints import default_checkpoint, load_checkpoint
 from cli import UserError
 from data import Data, load_dataset, training_index
 from models import build_model
-from evaluate import attack_accuracy, fit_threshold, mia_efficacy, mia_gaps, unlearning_metrics
+from evaluate import attack_accuracy, fit_threshold, mia_efficacy, gaps_to_retrain, unlearning_metrics
 
 HERE = Path(__file__).resolve().parent
 FAST_BASE = ["--arch", "cnn", "--base-epochs", "2", "--base-batch-size", "32", "--base-lr", "0.05"]
@@ -55,12 +55,14 @@ def test_attack_accuracy_is_100_on_separable_scores_and_about_50_on_alike_ones()
     assert 45 <= alike <= 55  # the attack cannot tell them apart: MIA-efficacy would be noise
 
 
-def test_mia_gap_to_retrain_and_the_far_above_warning():
-    rows = {"base": dict(MIA=10.0), "retrain": dict(MIA=50.0, forget_count=1000),
-            "over": dict(MIA=60.0), "close": dict(MIA=52.0), "under": dict(MIA=20.0)}
-    assert mia_gaps(rows) == ["over"]  # far = 3 standard errors of a share of 1,000 images: 4.7 points
+def test_gaps_to_retrain_and_the_far_above_mia_warning():
+    same = dict(UA=20.0, RA=90.0, TA=85.0)
+    rows = {"base": dict(same, MIA=10.0), "retrain": dict(same, MIA=50.0, forget_count=1000),
+            "over": dict(same, MIA=60.0), "close": dict(same, MIA=52.0), "under": dict(same, MIA=20.0, RA=86.0)}
+    assert gaps_to_retrain(rows) == ["over"]  # far = 3 standard errors of a share of 1,000 images: 4.7 points
     assert [rows[m]["MIA_gap"] for m in ("retrain", "over", "close", "under")] == [0, 10, 2, -30]
-    assert mia_gaps({"base": dict(MIA=10.0)}) == []  # without Retrain there is nothing to read against
+    assert [rows[m]["avg_gap"] for m in ("retrain", "over", "under")] == [0, 2.5, 8.5]  # mean |gap| over UA, MIA, RA, TA
+    assert gaps_to_retrain({"base": dict(MIA=10.0)}) == []  # without Retrain there is nothing to read against
 
 
 def test_metrics_of_a_model_that_predicts_one_class():
@@ -119,6 +121,27 @@ def test_several_seeds_run_the_comparison_once_each_with_their_own_base_and_repo
     unlearned = [torch.load(tmp_path / "checkpoints" / "unlearned" / f"{name}-forget1-prunelora.pt", weights_only=True)
                  for name in (stem, f"{stem}-seed1")]
     assert not torch.equal(*(u["state_dict"]["head.weight"] for u in unlearned))  # two seeds, two different runs
+
+
+def test_random_sample_forgetting_runs_every_method_and_reads_them_against_retrain(synthetic_dataset, base_checkpoint,
+                                                                                     tmp_path):
+    dataset, data_dir = synthetic_dataset
+    result = run("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--base", base_checkpoint, "--arch", "cnn",
+                 "--forget-share", "0.2", "--method", "all", *FAST_UNLEARN, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    stem = Path(default_checkpoint(dataset, "cnn")).stem
+    rows = json.loads((tmp_path / "results" / f"{stem}-forget-share0.2.json").read_text())["results"]
+    assert set(rows) == {"base", *unlearn.METHODS} - {"hidden"}  # no class to hide
+    for method, row in rows.items():
+        assert {"UA", "MIA", "RA", "TA", "avg_gap", "MIA_gap"} <= set(row) and "forget_test_acc" not in row
+    assert rows["retrain"]["avg_gap"] == 0 and rows["base"]["forget_count"] == 48  # 20% of 4 x 60 images
+    # Retrain never saw a forget image: its checkpoint was trained without exactly the forget set
+    data = load_dataset(dataset, data_dir)
+    [retrain] = (tmp_path / "checkpoints").glob("*-without48images-*.pt")
+    excluded = torch.tensor(load_checkpoint(retrain)["args"]["exclude_index"])
+    saved = torch.load(tmp_path / "checkpoints" / "unlearned" / f"{stem}-forget-share0.2-prunelora.pt", weights_only=True)
+    assert torch.equal(excluded, torch.tensor(saved["args"]["forget_index"]))
+    assert len(excluded) == 48 and not torch.isin(training_index(data, exclude_index=excluded.tolist()), excluded).any()
 
 
 def test_retrain_uses_a_complete_retrain_checkpoint_of_the_same_settings(synthetic_dataset, base_checkpoint, tmp_path):

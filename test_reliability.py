@@ -408,6 +408,10 @@ def bad_inputs(base, tmp_path_factory):
     torch.save(dict(ckpt, complete=False, epochs_done=1, num_classes=5, state_dict=ckpt["state_dict"] | five,
                     optimizer={}, generator=torch.Generator().get_state(), torch_rng=torch.get_rng_state()),
                folder / "five-classes.pt")
+    (folder / "empty.txt").write_text("\n")
+    (folder / "words.txt").write_text("3\ncat\n")
+    (folder / "far.txt").write_text("3\n99999\n")
+    (folder / "twice.txt").write_text("4\n9\n4\n")
     (folder / "notrain" / "test" / "class0").mkdir(parents=True)
     for split, classes in (("train", ("cat", "dog")), ("test", ("cat", "eel"))):
         for c in classes:
@@ -441,6 +445,18 @@ MISTAKES = {
     "train-fractional-width": (T, "{data} --arch resnet18 --width 1.5", "'1.5'"),
     "train-width-of-the-cnn": (T, "{data} --arch cnn --width 16", "--width 16"),
     "unlearn-seed-repeated": (U, "{data} --arch cnn --base {base} --forget-class 1 --seed 2 2", "2 2"),
+    "unlearn-forget-share-one": (U, "{data} --arch cnn --base {base} --forget-share 1", "--forget-share: 1.0"),
+    "unlearn-forget-share-zero": (U, "{data} --arch cnn --base {base} --forget-share 0", "--forget-share: 0.0"),
+    "unlearn-forget-share-empties-a-class": (U, "{data} --arch cnn --base {base} --forget-share 0.999", "class 0"),
+    "unlearn-forget-share-forgets-nothing": (U, "{data} --arch cnn --base {base} --forget-share 0.001", "forgets no image"),
+    "unlearn-forget-index-missing": (U, "{data} --arch cnn --base {base} --forget-index {tmp}/none.txt", "{tmp}/none.txt"),
+    "unlearn-forget-index-empty": (U, "{data} --arch cnn --base {base} --forget-index {in}/empty.txt", "{in}/empty.txt is empty"),
+    "unlearn-forget-index-not-integers": (U, "{data} --arch cnn --base {base} --forget-index {in}/words.txt", "'cat'"),
+    "unlearn-forget-index-out-of-range": (U, "{data} --arch cnn --base {base} --forget-index {in}/far.txt", "99999"),
+    "unlearn-forget-index-repeated": (U, "{data} --arch cnn --base {base} --forget-index {in}/twice.txt", "image 4"),
+    "unlearn-forget-class-and-share": (U, "{data} --arch cnn --base {base} --forget-class 1 --forget-share 0.1", "--forget-share"),
+    "unlearn-forget-nothing-named": (U, "{data} --arch cnn --base {base}", "--forget-class"),
+    "unlearn-depth-of-a-random-sample": (U, "{data} --arch cnn --base {base} --forget-share 0.1 --depth", "--depth"),
     "unlearn-width-other-than-the-base": (U, "{data} --arch cnn --base {base} --forget-class 1 --width 8", "--width 8"),
     "train-unwritable-out": (T, "{data} --arch cnn --out {tmp}/somefile/x.pt", "{tmp}/somefile"),
     "unlearn-class-out-of-range": (U, "{data} --arch cnn --base {base} --forget-class 4", "--forget-class 4"),

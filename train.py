@@ -115,7 +115,7 @@ def warmup_cosine(step, total_steps, peak, warmup=0.05):
 
 # the arguments that must match for --resume to continue a run
 RUN_KEYS = ("dataset", "arch", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed",
-            "exclude_class", "train_limit")
+            "exclude_class", "train_limit", "exclude_index")
 
 
 def train(args, data, device, log=print):
@@ -156,11 +156,12 @@ def train(args, data, device, log=print):
             raise UserError(f"--resume: {out} does not fit this run ({first}); train afresh without --resume") from None
         start_epoch, seconds_before = ckpt["epochs_done"], ckpt["seconds"]
         log(f"resuming {out} after epoch {start_epoch}")
-    index = training_index(data, args.exclude_class, args.train_limit)
+    index = training_index(data, args.exclude_class, args.train_limit, run["exclude_index"] or ())
     test_keep = ~torch.isin(data.test_labels, torch.tensor(args.exclude_class, dtype=torch.long, device=device))
     test_images, test_labels = data.test_images[test_keep], data.test_labels[test_keep]
     log(f"training {args.arch} on {data.name}: {len(index)} images, {data.num_classes} classes"
         + (f", without class {' '.join(map(str, args.exclude_class))}" if args.exclude_class else "")
+        + (f", without {len(run['exclude_index'])} forgotten images" if run["exclude_index"] else "")
         + f", on {device}")
     started = time.time()
 

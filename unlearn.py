@@ -10,6 +10,8 @@ and .md, plus each unlearned model, merged, as checkpoints/unlearned/...-<method
 (`hidden`, a reference that is not unlearning, is never saved there).
 """
 import argparse
+import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -22,15 +24,17 @@ import prunelora as pl
 from bench import bench_step_times, inference_seconds, print_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
                          fresh_model, model_from_checkpoint, save_checkpoint, save_text)
-from cli import ArgumentParser, UserError, fraction, pick_device, positive_float, positive_int, run_cli
-from data import check_classes, check_dataset_name, load_dataset, training_index
-from evaluate import (add_depth_scores, depth_metrics, hide_classes, markdown_table, mia_gaps, summarize,
+from cli import ArgumentParser, UserError, fraction, number, pick_device, positive_float, positive_int, run_cli
+from data import (check_classes, check_dataset_name, forget_share_index, load_dataset, read_forget_index,
+                  training_index)
+from evaluate import (add_depth_scores, depth_metrics, hide_classes, markdown_table, gaps_to_retrain, summarize,
                       unlearning_metrics)
 from models import HEAD, check_arch, to_device
 from train import RUN_KEYS, add_data_args, add_train_args, fit, train, warmup_cosine
 
 METHODS = ("prunelora", "retrain", "finetune", "prune-finetune", "lora", "ga", "rl", "hidden")
-NOT_UNLEARNED = ("hidden",)  # references only: their models are never saved where unlearned models go
+NOT_UNLEARNED = ("hidden",)
+share = number(float, "between 0 and 1, both excluded", lambda v: 0 < v < 1)  # references only: their models are never saved where unlearned models go
 
 # -----------------------------------------------------------------------------
 # the methods: each takes a fresh copy of the base model and returns (unlearned model, facts), where
@@ -53,7 +57,7 @@ def reset_forget_rows(model, args):
     """With --reset-head 1, give the forget classes' rows of the head fresh initial values, as a
     model that never saw those classes had before training. Fine-tuning on retained data then only
     ever pushes these logits down, as in Retrain, instead of slowly wearing down what the rows learned."""
-    if not args.reset_head:
+    if not args.reset_head or not args.forget_class:  # random-sample forgetting: no rows belong to the forget set
         return
     head = model.head
     fresh = torch.nn.Linear(head.in_features, head.out_features).to(head.weight.device)
@@ -103,7 +107,16 @@ def unlearn_ga(model, data, split, args):
 
 
 def unlearn_rl(model, data, split, args):
-    """Random labels: forget images get a random retained class, retained images keep theirs."""
+    """Random labels: forget images get a random retained class (drawn afresh at every step), retained
+    images keep theirs. Forgetting a random sample, each forget image gets another class than its own,
+    drawn once with the seed, since its class is also a retained one."""
+    if not args.forget_class:
+        labels = data.train_labels.clone()
+        forget = split["forget"].to(labels.device)
+        shift = torch.randint(1, data.num_classes, (len(forget),), generator=torch.Generator().manual_seed(args.seed))
+        labels[forget] = (labels[forget] + shift.to(labels.device)) % data.num_classes
+        relabelled = dataclasses.replace(data, train_labels=labels)  # the same image tensors, other labels
+        return model, finetune_on(model, relabelled, torch.cat([split["retain"], split["forget"]]), args)
     retained = torch.tensor([c for c in range(data.num_classes) if c not in args.forget_class], device=data.train_labels.device)
     forget = torch.tensor(args.forget_class, device=data.train_labels.device)
 
@@ -114,13 +127,13 @@ def unlearn_rl(model, data, split, args):
 
 
 def unlearn_retrain(model, data, split, args):
-    """Exact unlearning: train from scratch without the forget classes, with the base's settings.
+    """Exact unlearning: train from scratch without the forget set, with the base's settings.
 
     A Retrain checkpoint of exactly these settings (train.py's RUN_KEYS) is used where it is
     complete and continued where it was cut, so a long comparison can be run again without
     training Retrain twice; any other file at that path is trained over, as train.py would."""
-    retrain_args = dict(args.base_ckpt["args"], exclude_class=list(args.forget_class))
-    out = default_checkpoint(data.name, args.arch, args.forget_class, retrain_args.get("width"), retrain_args["seed"])
+    retrain_args = dict(args.base_ckpt["args"], exclude_class=list(args.forget_class), exclude_index=args.forget_index)
+    out = default_checkpoint(data.name, args.arch, [args.forget_name], retrain_args.get("width"), retrain_args["seed"])
     try:
         previous = load_checkpoint(out) if out.is_file() else None
     except UserError:  # not a checkpoint we can read: trained over
@@ -154,7 +167,7 @@ def run_method(method, base, data, split, args, device):
     start = time.time()
     model, facts = UNLEARN[method](model, data, split, args)
     facts = dict(dict(seconds=time.time() - start), **facts)  # Retrain's seconds: its training time
-    row = unlearning_metrics(model, data, args.forget_class, split["train"])
+    row = unlearning_metrics(model, data, args.forget_class, split["train"], split["forget"])
     if args.depth:
         row.update(depth_metrics(model, data, args.forget_class, split["train"], seed=args.seed))
     row.update(facts, trainable_share=facts["trainable_params"] / sum(p.numel() for p in model.parameters()),
@@ -179,7 +192,13 @@ def parse_methods(text):
 
 def parse_args():
     parser = ArgumentParser(description="Unlearn classes with PruneLoRA and baselines; print the paper's table.")
-    parser.add_argument("--forget-class", type=int, nargs="+", required=True, metavar="K")
+    forget = parser.add_mutually_exclusive_group(required=True)
+    forget.add_argument("--forget-class", type=int, nargs="+", default=[], metavar="K", help="forget these classes")
+    forget.add_argument("--forget-share", type=share, default=None, metavar="F",
+                        help="forget this share of the training images, 0 < F < 1, the same share of every class, "
+                        "drawn with --seed")
+    forget.add_argument("--forget-index", dest="forget_index_file", default=None, metavar="FILE",
+                        help="forget the training images a file names, one index (into the training set) per line")
     parser.add_argument("--method", default="prunelora", help=f"{', '.join(METHODS)}, a comma list, or all")
     add_data_args(parser, many_seeds=True)
     parser.add_argument("--base", default=None,
@@ -218,6 +237,8 @@ class Base:
     path: Path
     split: dict = None    # train / retain / forget: training-image indices
     tag: str = ""         # <dataset>-<arch>[-w<width>][-seed<S>]-forget<K>: names its unlearned checkpoints
+    forget_index: list = None  # random-sample forgetting: the forget images (None: whole classes)
+    forget_name: str = ""      # names its Retrain checkpoint: the classes, or <n>images-<hash> of a sample
 
 
 @dataclass
@@ -256,6 +277,13 @@ def setup(args):
     """Every check before any work, so that a mistake writes nothing; then the data, each seed's base
     model (trained first if missing) and the split into forget and retained training images."""
     methods = parse_methods(args.method)
+    if not args.forget_class:  # a random sample: no class to hide, and the depth measures are per class
+        if args.depth:
+            raise UserError("--depth measures how deeply classes are forgotten; use it with --forget-class, "
+                            "not with --forget-share or --forget-index")
+        if "hidden" in methods and args.method != "all":
+            raise UserError("--method hidden masks whole classes; it has no meaning with --forget-share or --forget-index")
+        methods = [m for m in methods if m != "hidden"]
     check_dataset_name(args.dataset)
     check_arch(args.arch, args.width)
     if len(set(args.seed)) != len(args.seed):
@@ -270,10 +298,15 @@ def setup(args):
         if base.ckpt is not None:
             check_checkpoint_fits(base.ckpt, data, base.path)
     check_classes(args.forget_class, data.num_classes, "--forget-class", must_leave=2)
-    forget_tag = f"forget{'-'.join(map(str, args.forget_class))}"
+    forget_tag = ("forget" + "-".join(map(str, args.forget_class)) if args.forget_class else
+                  f"forget-share{args.forget_share:g}" if args.forget_share else
+                  f"forget-index-{hashlib.sha1(Path(args.forget_index_file).read_bytes()).hexdigest()[:8]}"
+                  if Path(args.forget_index_file).is_file() else "forget-index")
     for base in bases:
         width = check_arch(args.arch, base.ckpt.get("width") if base.ckpt is not None else args.width)
         base.tag = f"{default_checkpoint(args.dataset, args.arch, width=width, seed=base.seed).stem}-{forget_tag}"
+        train_limit = base.ckpt["args"].get("train_limit") if base.ckpt is not None else args.train_limit
+        base.split = forget_split(data, training_index(data, (), train_limit), args, base)
     if len(bases) == 1:
         name = bases[0].tag
     else:  # one file for all seeds: <dataset>-<arch>[-w<width>]-forget<K>-seeds<S>-<S>...
@@ -286,14 +319,27 @@ def setup(args):
 
     for base in bases:
         base.ckpt = base.ckpt or train_base(base, args, data, device)
-        index = training_index(data, (), base.ckpt["args"].get("train_limit"))
-        forget = torch.isin(data.train_labels[index.to(device)].cpu(), torch.tensor(args.forget_class))
-        base.split = dict(train=index, retain=index[~forget], forget=index[forget])
     split = bases[0].split
-    print(f"forgetting class {' '.join(map(str, args.forget_class))} of {data.name} "
-          f"({', '.join(data.classes[c] for c in args.forget_class)}): {len(split['forget'])} forget and "
-          f"{len(split['retain'])} retained training images, {args.arch}, on {device}", flush=True)
+    what = (f"class {' '.join(map(str, args.forget_class))} ({', '.join(data.classes[c] for c in args.forget_class)})"
+            if args.forget_class else "a random sample")
+    print(f"forgetting {what} of {data.name}: {len(split['forget'])} forget and {len(split['retain'])} retained "
+          f"training images, {args.arch}, on {device}", flush=True)
     return Run(methods, device, data, bases, results)
+
+
+def forget_split(data, index, args, base):
+    """train / retain / forget indices of one seed's run (index: the training images it uses), and on
+    base the forget set's names. The forget set: whole classes, a random share (drawn with the
+    seed, the same share of every class) or the images a file names."""
+    if args.forget_class:
+        forget = index[torch.isin(data.train_labels.cpu()[index], torch.tensor(args.forget_class))]
+        base.forget_name = "-".join(map(str, args.forget_class))
+    else:
+        forget = (forget_share_index(data, index, args.forget_share, base.seed) if args.forget_share
+                  else read_forget_index(args.forget_index_file, index))
+        base.forget_index = forget.tolist()
+        base.forget_name = f"{len(forget)}images-{hashlib.sha1(forget.numpy().tobytes()).hexdigest()[:8]}"
+    return dict(train=index, retain=index[~torch.isin(index, forget)], forget=forget)
 
 
 def run_methods(run, base, args):
@@ -301,7 +347,7 @@ def run_methods(run, base, args):
     merged; depth scores last. args is this seed's: args.seed is base.seed."""
     data, split, device = run.data, base.split, run.device
     base_model = to_device(model_from_checkpoint(base.ckpt, base.path), device)
-    rows = {"base": unlearning_metrics(base_model, data, args.forget_class, split["train"])}
+    rows = {"base": unlearning_metrics(base_model, data, args.forget_class, split["train"], split["forget"])}
     rows["base"].update(seconds=base.ckpt.get("seconds"), sparsity=pl.sparsity(base_model))
     if args.depth:
         rows["base"].update(depth_metrics(base_model, data, args.forget_class, split["train"], seed=args.seed))
@@ -312,7 +358,8 @@ def run_methods(run, base, args):
         rows[method]["inference_time_ratio"] = inference_seconds(model, data) / inference_seconds(base_model, data)
         if method not in NOT_UNLEARNED:
             save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base.ckpt["args"], method=method,
-                                            forget_class=args.forget_class), width=base.ckpt.get("width"),
+                                            forget_class=args.forget_class, forget_index=args.forget_index),
+                                            width=base.ckpt.get("width"),
                                             metrics=rows[method]),
                             Path("checkpoints/unlearned") / f"{base.tag}-{method}.pt")
         print(f"    UA {rows[method]['UA']:.2f}  MIA {rows[method]['MIA']:.2f}  RA {rows[method]['RA']:.2f}  "
@@ -324,7 +371,7 @@ def run_methods(run, base, args):
         for method, bench in bench_step_times(base.ckpt, data, split, args, device, steps=10).items():
             if method in rows:
                 rows[method]["step_time_vs_finetune"] = bench["step_time_vs_finetune"]
-    for method in mia_gaps(rows):
+    for method in gaps_to_retrain(rows):
         print(f"warning: {method}'s MIA ({rows[method]['MIA']:.2f}) is far above Retrain's ({rows['retrain']['MIA']:.2f}): "
               "over-unlearning; its forget images look less like training data than unseen images do", flush=True)
     return add_depth_scores(rows)
@@ -359,7 +406,8 @@ def main():
         return
     per_seed = {}
     for base in run.bases:
-        seed_args = argparse.Namespace(**dict(vars(args), seed=base.seed, base_ckpt=base.ckpt))
+        seed_args = argparse.Namespace(**dict(vars(args), seed=base.seed, base_ckpt=base.ckpt,
+                                              forget_index=base.forget_index, forget_name=base.forget_name))
         per_seed[base.seed] = run_methods(run, base, seed_args)
     report(per_seed, run, args)
 
