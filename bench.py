@@ -1,4 +1,4 @@
-"""What unlearning costs, measured side by side in one process: training-step time and peak memory of
+"""What unlearning costs, measured side by side in one process: training-step time and (on CUDA) peak memory of
 full fine-tuning, LoRA and PruneLoRA on one batch, and a model's inference time.
 
     python unlearn.py --forget-class 3 --bench-steps 20     # prints the step-time ratios

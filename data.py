@@ -224,6 +224,9 @@ def read_forget_index(path, index):
     return forget.sort().values
 
 
+def forget_mask(labels, forget_classes):
+    return torch.isin(labels, torch.tensor(list(forget_classes), dtype=torch.long, device=labels.device))
+
 # -----------------------------------------------------------------------------
 # batches, augmentation and prediction, on the device
 
@@ -264,3 +267,8 @@ def predict(model, data, images, batch_size=1000, features=False):
                    for i in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.zeros(0, data.num_classes, device=device)
+
+
+def percent(correct):
+    """Share of True in a bool tensor, in percent (NaN when empty)."""
+    return 100 * correct.float().mean().item() if len(correct) else float("nan")

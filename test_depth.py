@@ -1,4 +1,4 @@
-"""Tests of the forgetting-depth measures in evaluate.py: they must tell hiding a class from forgetting it.
+"""Tests of the forgetting-depth measures in depth.py: they must tell hiding a class from forgetting it.
 
 The hidden model is the base with its forget row of the head switched off (weight 0, bias -1e9):
 UA = 100, yet its features are the base's. Retrain never saw the class. Measured on the synthetic
@@ -19,6 +19,7 @@ from torch import nn
 import checkpoints
 import cli
 import data as data_module
+import depth as measures
 import evaluate
 import train
 
@@ -34,7 +35,7 @@ def train_cnn(dataset, data, out, exclude=()):
 
 def hide(model, classes):
     """Head-row zeroing on a copy: the classes' logits become -1e9, the features are untouched."""
-    return evaluate.hide_classes(copy.deepcopy(model), classes)
+    return measures.hide_classes(copy.deepcopy(model), classes)
 
 
 class Blind(nn.Module):
@@ -73,7 +74,7 @@ def test_hidden_model_passes_accuracy_metrics(models):
 def depth(models):
     """depth_metrics of base, hidden and Retrain, with the default seed."""
     data, m, _ = models
-    return {name: evaluate.depth_metrics(model, data, FORGET) for name, model in m.items()}
+    return {name: measures.depth_metrics(model, data, FORGET) for name, model in m.items()}
 
 
 class ColourOnly(nn.Module):
@@ -97,14 +98,14 @@ def test_ncm_reads_the_features_so_hiding_cannot_fool_it(models, depth):
     features still find class 3 with 10 shots; real data separate base and Retrain: README.)"""
     data, _, _ = models
     assert depth["hidden"]["ncm_acc"] == depth["base"]["ncm_acc"] >= 90
-    assert evaluate.ncm_recognition(ColourOnly(data.num_classes), data, FORGET) <= 75
+    assert measures.ncm_recognition(ColourOnly(data.num_classes), data, FORGET) <= 75
 
 
 def test_depth_score_is_0_for_hidden_and_1_for_retrain_by_construction():
-    rows = evaluate.add_depth_scores({"base": dict(ncm_acc=90.0), "hidden": dict(ncm_acc=90.0),
+    rows = measures.add_depth_scores({"base": dict(ncm_acc=90.0), "hidden": dict(ncm_acc=90.0),
                                       "retrain": dict(ncm_acc=60.0), "halfway": dict(ncm_acc=75.0)})
     assert [rows[name]["depth_score"] for name in ("base", "hidden", "retrain", "halfway")] == [0, 0, 1, 0.5]
-    assert evaluate.add_depth_scores({"base": dict(ncm_acc=90.0)}) == {"base": dict(ncm_acc=90.0)}  # no Retrain: no scale
+    assert measures.add_depth_scores({"base": dict(ncm_acc=90.0)}) == {"base": dict(ncm_acc=90.0)}  # no Retrain: no scale
 
 
 def test_hidden_model_relearns_like_the_base_and_far_faster_than_retrain(depth):
@@ -124,8 +125,8 @@ def test_probe_finds_the_hidden_class(depth):
 def test_without_the_head_reset_hiding_is_unrelearnable(models):
     """Why relearn_steps resets the head: a -1e9 bias survives any number of steps, and would read as deep forgetting."""
     data, m, _ = models
-    assert evaluate.relearn_steps(m["hidden"], data, FORGET, cap=5, reset_head=False) == 5
-    assert evaluate.relearn_steps(m["base"], data, FORGET, cap=5, reset_head=False) == 0
+    assert measures.relearn_steps(m["hidden"], data, FORGET, cap=5, reset_head=False) == 5
+    assert measures.relearn_steps(m["base"], data, FORGET, cap=5, reset_head=False) == 0
 
 
 def test_features_that_carry_nothing_give_the_floor(models):
@@ -133,18 +134,18 @@ def test_features_that_carry_nothing_give_the_floor(models):
     data, _, _ = models
     torch.manual_seed(0)
     blind = Blind(data.num_classes)
-    assert evaluate.probe_accuracy(blind, data, FORGET) == 50
-    assert evaluate.relearn_steps(blind, data, FORGET, cap=20) == 20
+    assert measures.probe_accuracy(blind, data, FORGET) == 50
+    assert measures.relearn_steps(blind, data, FORGET, cap=20) == 20
 
 
 def test_two_hidden_classes_relearn_fast(models):
     data, m, _ = models
-    assert evaluate.relearn_steps(hide(m["base"], [2, 3]), data, [2, 3]) <= 5
+    assert measures.relearn_steps(hide(m["base"], [2, 3]), data, [2, 3]) <= 5
 
 
 def test_cap_is_returned_when_not_relearned(models):
     data, m, _ = models
-    assert evaluate.relearn_steps(m["retrain"], data, FORGET, cap=2) == 2
+    assert measures.relearn_steps(m["retrain"], data, FORGET, cap=2) == 2
 
 
 def test_measures_leave_the_model_untouched(models):
@@ -152,14 +153,14 @@ def test_measures_leave_the_model_untouched(models):
     model = m["hidden"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.eval()
-    evaluate.depth_metrics(model, data, FORGET)
+    measures.depth_metrics(model, data, FORGET)
     assert not model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_depth_metrics_are_deterministic(models, depth):
     data, m, _ = models
-    assert evaluate.depth_metrics(m["retrain"], data, FORGET) == depth["retrain"]
+    assert measures.depth_metrics(m["retrain"], data, FORGET) == depth["retrain"]
     assert set(depth["retrain"]) == {"relearn_steps", "probe_acc", "ncm_acc"}
 
 
@@ -167,11 +168,11 @@ def test_train_index_without_the_forget_class_is_refused(models):
     data, m, _ = models
     retained = torch.nonzero(data.train_labels != FORGET[0]).flatten()
     with pytest.raises(cli.UserError):
-        evaluate.relearn_steps(m["base"], data, FORGET, retained)
+        measures.relearn_steps(m["base"], data, FORGET, retained)
     with pytest.raises(cli.UserError):
-        evaluate.probe_accuracy(m["base"], data, FORGET, retained)
+        measures.probe_accuracy(m["base"], data, FORGET, retained)
     with pytest.raises(cli.UserError):
-        evaluate.ncm_recognition(m["base"], data, FORGET, retained)
+        measures.ncm_recognition(m["base"], data, FORGET, retained)
 
 
 def test_command_line_prints_depth_columns(models, synthetic_dataset):

@@ -1,8 +1,10 @@
-"""Make a trained classifier forget one or more classes: PruneLoRA and the paper's baselines.
+"""Make a trained classifier forget classes, or a random sample of its training images: PruneLoRA and
+the paper's baselines, compared in one table.
 
     python unlearn.py --forget-class 3                    # CIFAR-10 ResNet-18, PruneLoRA
     python unlearn.py --forget-class 3 --method all       # and every baseline, in one table
     python unlearn.py --forget-class 3 5 --method prunelora,retrain
+    python unlearn.py --forget-share 0.1 --method all --seed 0 1 2   # 10% of the images, three seeds
 
 It loads checkpoints/<dataset>-<arch>.pt (training it first with train.py's defaults if
 there is none), unlearns with each --method, and writes results/<dataset>-<arch>-forget<K>.json
@@ -10,7 +12,6 @@ and .md, plus each unlearned model, merged, as checkpoints/unlearned/...-<method
 (`hidden`, a reference that is not unlearning, is never saved there).
 """
 import argparse
-import dataclasses
 import hashlib
 import json
 import time
@@ -18,137 +19,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import prunelora as pl
+from baselines import (finetune_on, reset_forget_rows, unlearn_finetune, unlearn_ga, unlearn_hidden, unlearn_lora,
+                       unlearn_prune_finetune, unlearn_retrain, unlearn_rl)
 from bench import bench_step_times, inference_seconds, print_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
                          fresh_model, model_from_checkpoint, save_checkpoint, save_text)
 from cli import ArgumentParser, UserError, fraction, number, pick_device, positive_float, positive_int, run_cli
 from data import (check_classes, check_dataset_name, forget_share_index, load_dataset, read_forget_index,
                   training_index)
-from evaluate import (add_depth_scores, depth_metrics, hide_classes, markdown_table, gaps_to_retrain, summarize,
-                      unlearning_metrics)
+from depth import add_depth_scores, depth_metrics
+from evaluate import gaps_to_retrain, markdown_table, summarize, unlearning_metrics
 from models import HEAD, check_arch, to_device
-from train import RUN_KEYS, add_data_args, add_train_args, fit, train, warmup_cosine
+from train import add_data_args, add_train_args, train
 
 METHODS = ("prunelora", "retrain", "finetune", "prune-finetune", "lora", "ga", "rl", "hidden")
-NOT_UNLEARNED = ("hidden",)
-share = number(float, "between 0 and 1, both excluded", lambda v: 0 < v < 1)  # references only: their models are never saved where unlearned models go
+NOT_UNLEARNED = ("hidden",)  # references only: their models are never saved where unlearned models go
+share = number(float, "between 0 and 1, both excluded", lambda v: 0 < v < 1)
 
 # -----------------------------------------------------------------------------
-# the methods: each takes a fresh copy of the base model and returns (unlearned model, facts), where
-# facts holds trainable_params and, for Retrain, the seconds its training took
-
-
-def finetune_on(model, data, index, args, loss_fn=F.cross_entropy, lr=None, freeze_bn=False):
-    """Adam on the trainable parameters, warm-up + cosine schedule, args.epochs over data[index]."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    peak = lr or args.lr
-    optimizer = torch.optim.Adam(params, lr=peak)
-    generator = torch.Generator().manual_seed(args.seed)
-    fit(model, data, index, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
-        generator=generator, lr_at=lambda step, total: warmup_cosine(step, total, peak), loss_fn=loss_fn,
-        freeze_bn=freeze_bn, log=lambda line: print("   ", line, flush=True))
-    return dict(trainable_params=sum(p.numel() for p in params))
-
-
-def reset_forget_rows(model, args):
-    """With --reset-head 1, give the forget classes' rows of the head fresh initial values, as a
-    model that never saw those classes had before training. Fine-tuning on retained data then only
-    ever pushes these logits down, as in Retrain, instead of slowly wearing down what the rows learned."""
-    if not args.reset_head or not args.forget_class:  # random-sample forgetting: no rows belong to the forget set
-        return
-    head = model.head
-    fresh = torch.nn.Linear(head.in_features, head.out_features).to(head.weight.device)
-    rows = torch.tensor(args.forget_class, device=head.weight.device)
-    with torch.no_grad():
-        head.weight[rows] = fresh.weight[rows]
-        head.bias[rows] = fresh.bias[rows]
+# the method: each method takes a fresh copy of the base model and returns (unlearned model, facts),
+# where facts holds trainable_params and, for Retrain, the seconds its training took (baselines.py)
 
 
 def unlearn_prunelora(model, data, split, args):
+    """PruneLoRA: prune the base, adapt it with LoRA on the frozen, pruned weights, unlearn by training
+    only the low-rank factors and the head on the retained images, then merge (sparsity kept)."""
     reset_forget_rows(model, args)
     pl.prune_global(model, args.prune_amount, exclude=HEAD)                                      # 1. prune
     pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)   # 2. adapt
     pl.mark_only_lora_trainable(model, keep=HEAD)
     facts = finetune_on(model, data, split["retain"], args, lr=args.lora_lr, freeze_bn=args.freeze_bn)  # 3. unlearn
     return pl.merge_lora(model), facts
-
-
-def unlearn_lora(model, data, split, args):
-    """LoRA alone: no pruning."""
-    reset_forget_rows(model, args)
-    pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)
-    pl.mark_only_lora_trainable(model, keep=HEAD)
-    facts = finetune_on(model, data, split["retain"], args, lr=args.lora_lr, freeze_bn=args.freeze_bn)
-    return pl.merge_lora(model), facts
-
-
-def unlearn_finetune(model, data, split, args):
-    """Fine-tune every weight on the retained classes."""
-    reset_forget_rows(model, args)
-    return model, finetune_on(model, data, split["retain"], args)
-
-
-def unlearn_prune_finetune(model, data, split, args):
-    """Prune, then fine-tune every weight; the masks keep pruned weights at zero."""
-    reset_forget_rows(model, args)
-    pl.prune_global(model, args.prune_amount, exclude=HEAD)
-    facts = finetune_on(model, data, split["retain"], args)
-    return pl.merge_lora(model), facts  # no adapters to merge: this makes the pruning permanent
-
-
-def unlearn_ga(model, data, split, args):
-    """Gradient ascent on the forget set. At fine-tuning learning rates it wrecks the whole model
-    within a few steps, so it runs at a tenth of --lr."""
-    ascent = lambda logits, labels: -F.cross_entropy(logits, labels)
-    return model, finetune_on(model, data, split["forget"], args, loss_fn=ascent, lr=args.lr / 10)
-
-
-def unlearn_rl(model, data, split, args):
-    """Random labels: forget images get a random retained class (drawn afresh at every step), retained
-    images keep theirs. Forgetting a random sample, each forget image gets another class than its own,
-    drawn once with the seed, since its class is also a retained one."""
-    if not args.forget_class:
-        labels = data.train_labels.clone()
-        forget = split["forget"].to(labels.device)
-        shift = torch.randint(1, data.num_classes, (len(forget),), generator=torch.Generator().manual_seed(args.seed))
-        labels[forget] = (labels[forget] + shift.to(labels.device)) % data.num_classes
-        relabelled = dataclasses.replace(data, train_labels=labels)  # the same image tensors, other labels
-        return model, finetune_on(model, relabelled, torch.cat([split["retain"], split["forget"]]), args)
-    retained = torch.tensor([c for c in range(data.num_classes) if c not in args.forget_class], device=data.train_labels.device)
-    forget = torch.tensor(args.forget_class, device=data.train_labels.device)
-
-    def relabelled(logits, labels):
-        random = retained[torch.randint(len(retained), labels.shape, device=labels.device)]
-        return F.cross_entropy(logits, torch.where(torch.isin(labels, forget), random, labels))
-    return model, finetune_on(model, data, torch.cat([split["retain"], split["forget"]]), args, loss_fn=relabelled)
-
-
-def unlearn_retrain(model, data, split, args):
-    """Exact unlearning: train from scratch without the forget set, with the base's settings.
-
-    A Retrain checkpoint of exactly these settings (train.py's RUN_KEYS) is used where it is
-    complete and continued where it was cut, so a long comparison can be run again without
-    training Retrain twice; any other file at that path is trained over, as train.py would."""
-    retrain_args = dict(args.base_ckpt["args"], exclude_class=list(args.forget_class), exclude_index=args.forget_index)
-    out = default_checkpoint(data.name, args.arch, [args.forget_name], retrain_args.get("width"), retrain_args["seed"])
-    try:
-        previous = load_checkpoint(out) if out.is_file() else None
-    except UserError:  # not a checkpoint we can read: trained over
-        previous = None
-    same_run = previous is not None and all(previous.get("args", {}).get(k) == retrain_args.get(k) for k in RUN_KEYS)
-    ckpt = train(argparse.Namespace(**retrain_args, out=str(out), resume=same_run), data, data.train_images.device,
-                 log=lambda line: print("   ", line, flush=True))
-    model.load_state_dict(ckpt["state_dict"])
-    return model, dict(trainable_params=sum(p.numel() for p in model.parameters()), seconds=ckpt["seconds"])
-
-
-def unlearn_hidden(model, data, split, args):
-    """Not an unlearning method: the reference for forgetting in the head only (depth score 0).
-    The base model untrained, its forget classes' logits masked: UA 100, features untouched."""
-    return hide_classes(model, args.forget_class), dict(trainable_params=0)
 
 
 UNLEARN = {"prunelora": unlearn_prunelora, "retrain": unlearn_retrain, "finetune": unlearn_finetune,

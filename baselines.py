@@ -1,0 +1,124 @@
+"""The paper's baselines, and the fine-tuning every method shares (unlearn.py holds PruneLoRA itself).
+
+Each method takes a fresh copy of the base model and returns (unlearned model, facts), where facts
+holds trainable_params and, for Retrain, the seconds its training took.
+"""
+import argparse
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+import prunelora as pl
+from checkpoints import default_checkpoint, load_checkpoint
+from cli import UserError
+from depth import hide_classes
+from models import HEAD
+from train import RUN_KEYS, fit, train, warmup_cosine
+
+# -----------------------------------------------------------------------------
+# shared by every method that fine-tunes
+
+
+def finetune_on(model, data, index, args, loss_fn=F.cross_entropy, lr=None, freeze_bn=False):
+    """Adam on the trainable parameters, warm-up + cosine schedule, args.epochs over data[index]."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    peak = lr or args.lr
+    optimizer = torch.optim.Adam(params, lr=peak)
+    generator = torch.Generator().manual_seed(args.seed)
+    fit(model, data, index, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
+        generator=generator, lr_at=lambda step, total: warmup_cosine(step, total, peak), loss_fn=loss_fn,
+        freeze_bn=freeze_bn, log=lambda line: print("   ", line, flush=True))
+    return dict(trainable_params=sum(p.numel() for p in params))
+
+
+def reset_forget_rows(model, args):
+    """With --reset-head 1, give the forget classes' rows of the head fresh initial values, as a
+    model that never saw those classes had before training. Fine-tuning on retained data then only
+    ever pushes these logits down, as in Retrain, instead of slowly wearing down what the rows learned."""
+    if not args.reset_head or not args.forget_class:  # random-sample forgetting: no rows belong to the forget set
+        return
+    head = model.head
+    fresh = torch.nn.Linear(head.in_features, head.out_features).to(head.weight.device)
+    rows = torch.tensor(args.forget_class, device=head.weight.device)
+    with torch.no_grad():
+        head.weight[rows] = fresh.weight[rows]
+        head.bias[rows] = fresh.bias[rows]
+
+# -----------------------------------------------------------------------------
+# the baselines
+
+
+def unlearn_lora(model, data, split, args):
+    """LoRA alone: no pruning."""
+    reset_forget_rows(model, args)
+    pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)
+    pl.mark_only_lora_trainable(model, keep=HEAD)
+    facts = finetune_on(model, data, split["retain"], args, lr=args.lora_lr, freeze_bn=args.freeze_bn)
+    return pl.merge_lora(model), facts
+
+
+def unlearn_finetune(model, data, split, args):
+    """Fine-tune every weight on the retained classes."""
+    reset_forget_rows(model, args)
+    return model, finetune_on(model, data, split["retain"], args)
+
+
+def unlearn_prune_finetune(model, data, split, args):
+    """Prune, then fine-tune every weight; the masks keep pruned weights at zero."""
+    reset_forget_rows(model, args)
+    pl.prune_global(model, args.prune_amount, exclude=HEAD)
+    facts = finetune_on(model, data, split["retain"], args)
+    return pl.merge_lora(model), facts  # no adapters to merge: this makes the pruning permanent
+
+
+def unlearn_ga(model, data, split, args):
+    """Gradient ascent on the forget set. At fine-tuning learning rates it wrecks the whole model
+    within a few steps, so it runs at a tenth of --lr."""
+    ascent = lambda logits, labels: -F.cross_entropy(logits, labels)
+    return model, finetune_on(model, data, split["forget"], args, loss_fn=ascent, lr=args.lr / 10)
+
+
+def unlearn_rl(model, data, split, args):
+    """Random labels: forget images get a random retained class (drawn afresh at every step), retained
+    images keep theirs. Forgetting a random sample, each forget image gets another class than its own,
+    drawn once with the seed, since its class is also a retained one."""
+    if not args.forget_class:
+        labels = data.train_labels.clone()
+        forget = split["forget"].to(labels.device)
+        shift = torch.randint(1, data.num_classes, (len(forget),), generator=torch.Generator().manual_seed(args.seed))
+        labels[forget] = (labels[forget] + shift.to(labels.device)) % data.num_classes
+        relabelled = dataclasses.replace(data, train_labels=labels)  # the same image tensors, other labels
+        return model, finetune_on(model, relabelled, torch.cat([split["retain"], split["forget"]]), args)
+    retained = torch.tensor([c for c in range(data.num_classes) if c not in args.forget_class], device=data.train_labels.device)
+    forget = torch.tensor(args.forget_class, device=data.train_labels.device)
+
+    def relabelled(logits, labels):
+        random = retained[torch.randint(len(retained), labels.shape, device=labels.device)]
+        return F.cross_entropy(logits, torch.where(torch.isin(labels, forget), random, labels))
+    return model, finetune_on(model, data, torch.cat([split["retain"], split["forget"]]), args, loss_fn=relabelled)
+
+
+def unlearn_retrain(model, data, split, args):
+    """Exact unlearning: train from scratch without the forget set, with the base's settings.
+
+    A Retrain checkpoint of exactly these settings (train.py's RUN_KEYS) is used where it is
+    complete and continued where it was cut, so a long comparison can be run again without
+    training Retrain twice; any other file at that path is trained over, as train.py would."""
+    retrain_args = dict(args.base_ckpt["args"], exclude_class=list(args.forget_class), exclude_index=args.forget_index)
+    out = default_checkpoint(data.name, args.arch, [args.forget_name], retrain_args.get("width"), retrain_args["seed"])
+    try:
+        previous = load_checkpoint(out) if out.is_file() else None
+    except UserError:  # not a checkpoint we can read: trained over
+        previous = None
+    same_run = previous is not None and all(previous.get("args", {}).get(k) == retrain_args.get(k) for k in RUN_KEYS)
+    ckpt = train(argparse.Namespace(**retrain_args, out=str(out), resume=same_run), data, data.train_images.device,
+                 log=lambda line: print("   ", line, flush=True))
+    model.load_state_dict(ckpt["state_dict"])
+    return model, dict(trainable_params=sum(p.numel() for p in model.parameters()), seconds=ckpt["seconds"])
+
+
+def unlearn_hidden(model, data, split, args):
+    """Not an unlearning method: the reference for forgetting in the head only (depth score 0).
+    The base model untrained, its forget classes' logits masked: UA 100, features untouched."""
+    return hide_classes(model, args.forget_class), dict(trainable_params=0)
