@@ -201,19 +201,16 @@ def setup(args):
         if base.ckpt is not None:
             check_checkpoint_fits(base.ckpt, data, base.path)
     check_classes(args.forget_class, data.num_classes, "--forget-class", must_leave=2)
-    forget_tag = ("forget" + "-".join(map(str, args.forget_class)) if args.forget_class else
-                  f"forget-share{args.forget_share:g}" if args.forget_share else
-                  f"forget-index-{hashlib.sha1(Path(args.forget_index_file).read_bytes()).hexdigest()[:8]}"
-                  if Path(args.forget_index_file).is_file() else "forget-index")
+    forget = forget_tag(args)
     for base in bases:
         width = check_arch(args.arch, base.ckpt.get("width") if base.ckpt is not None else args.width)
-        base.tag = f"{default_checkpoint(args.dataset, args.arch, width=width, seed=base.seed).stem}-{forget_tag}"
+        base.tag = f"{default_checkpoint(args.dataset, args.arch, width=width, seed=base.seed).stem}-{forget}"
         train_limit = base.ckpt["args"].get("train_limit") if base.ckpt is not None else args.train_limit
         base.split = forget_split(data, training_index(data, (), train_limit), args, base)
     if len(bases) == 1:
         name = bases[0].tag
     else:  # one file for all seeds: <dataset>-<arch>[-w<width>]-forget<K>-seeds<S>-<S>...
-        name = f"{default_checkpoint(args.dataset, args.arch, width=width).stem}-{forget_tag}-seeds{'-'.join(map(str, args.seed))}"
+        name = f"{default_checkpoint(args.dataset, args.arch, width=width).stem}-{forget}-seeds{'-'.join(map(str, args.seed))}"
     results = Path(args.out_dir) / f"{name}.json"
     for path in (results, results.with_suffix(".md"), Path("checkpoints/unlearned") / f"{bases[0].tag}.pt",
                  *(base.path for base in bases)):
@@ -228,6 +225,16 @@ def setup(args):
     print(f"forgetting {what} of {data.name}: {len(split['forget'])} forget and {len(split['retain'])} retained "
           f"training images, {args.arch}, on {device}", flush=True)
     return Run(methods, device, data, bases, results)
+
+
+def forget_tag(args):
+    """How result and checkpoint names call the forget set: forget3-5, forget-share0.1, forget-index-<hash>."""
+    if args.forget_class:
+        return "forget" + "-".join(map(str, args.forget_class))
+    if args.forget_share:
+        return f"forget-share{args.forget_share:g}"
+    path = Path(args.forget_index_file)  # a missing file is reported by read_forget_index
+    return f"forget-index-{hashlib.sha1(path.read_bytes()).hexdigest()[:8]}" if path.is_file() else "forget-index"
 
 
 def forget_split(data, index, args, base):
