@@ -216,11 +216,14 @@ def read_forget_index(path, index):
     forget = torch.tensor([int(line) for line in lines], dtype=torch.long)
     outside = forget[~torch.isin(forget, index.cpu())]
     if len(outside):
-        raise UserError(f"--forget-index {path}: {int(outside[0])} is out of range; allowed: the {len(index)} "
-                        f"training images this run uses (0 to {int(index.max())}{', the --train-limit subset' if len(index) <= int(index.max()) else ''})")
+        subset = " (the --train-limit subset)" if len(index) <= int(index.max()) else ""
+        raise UserError(f"--forget-index {path}: image {int(outside[0])} is out of range; allowed: indices of the "
+                        f"{len(index)} training images this run uses{subset}, 0 to {int(index.max())}")
     if len(forget.unique()) != len(forget):
         twice = next(int(v) for v, n in zip(*forget.unique(return_counts=True)) if n > 1)
         raise UserError(f"--forget-index {path} names image {twice} more than once; name each once")
+    if len(forget) == len(index):
+        raise UserError(f"--forget-index {path} names every training image; at least one must be retained")
     return forget.sort().values
 
 

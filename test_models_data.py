@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import checkpoints
+import cli
 import data
 import models
 import prunelora as pl
@@ -129,3 +130,6 @@ def test_a_forget_index_file_is_read_sorted(tmp_path):
     path = tmp_path / "forget.txt"
     path.write_text("7\n2\n\n5\n")
     assert data.read_forget_index(path, torch.arange(10)).tolist() == [2, 5, 7]
+    path.write_text("\n".join(map(str, range(10))))
+    with pytest.raises(cli.UserError, match="every training image"):
+        data.read_forget_index(path, torch.arange(10))
