@@ -197,7 +197,7 @@ def add_data_args(parser, many_seeds=False):
     parser.add_argument("--arch", default="resnet18", help=f"{', '.join(ARCHS)} (default resnet18)")
     parser.add_argument("--width", type=positive_int, default=None,
                         help="channels of a ResNet's first stage, doubling per stage (default 64, the standard); "
-                        "16 trains about 12x faster on a CPU")
+                        "16 makes ResNet-18 trainable on a CPU")
     parser.add_argument("--train-limit", type=positive_int, default=None,
                         help="use only this many training images, the same number per class")
     if many_seeds:  # unlearn.py: the whole comparison once per seed
