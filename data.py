@@ -179,11 +179,17 @@ def training_index(data, exclude_classes=(), train_limit=None, exclude_index=())
     keep &= ~torch.isin(index, torch.as_tensor(list(exclude_index), dtype=torch.long))
     return index[keep]
 
+
+def index_or_all(data, index=None):
+    """Training-image indices on the data's device: index, or every training image when None."""
+    return (torch.arange(len(data.train_labels)) if index is None else index).to(data.train_labels.device)
+
+
 def forget_share_index(data, index, share, seed):
     """--forget-share: that share of the training images in index, the same share of every class
     (round(share * n_c) images of class c), drawn with seed; sorted."""
     generator = torch.Generator().manual_seed(seed)
-    labels = data.train_labels[index.to(data.train_labels.device)].cpu()
+    labels = data.train_labels.cpu()[index]
     picks = []
     for c in range(data.num_classes):
         members = index[labels == c]

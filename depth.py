@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import UserError, autocast
-from data import forget_mask, make_batch, percent, predict
+from data import forget_mask, index_or_all, make_batch, percent, predict
 
 
 def hide_classes(model, classes):
@@ -72,8 +72,7 @@ def relearn_steps(model, data, forget_classes, train_index=None, share=0.01, min
     the same seed gives the same count on the CPU.
     """
     device = data.train_images.device
-    train_index = torch.arange(len(data.train_labels)) if train_index is None else train_index
-    train_index = train_index.to(device)
+    train_index = index_or_all(data, train_index)
     is_forget = forget_mask(data.train_labels[train_index], forget_classes)
     forget, retain = train_index[is_forget], train_index[~is_forget]
     test_forget = forget_mask(data.test_labels, forget_classes)
@@ -119,8 +118,7 @@ def probe_accuracy(model, data, forget_classes, train_index=None, seed=0, max_tr
     class-balanced BCE loss plus weight_decay * |w|^2, zero-initialised, full-batch Adam for steps steps.
     """
     device = data.train_images.device
-    train_index = torch.arange(len(data.train_labels)) if train_index is None else train_index
-    train_index = train_index.to(device)
+    train_index = index_or_all(data, train_index)
     if len(train_index) > max_train:
         generator = torch.Generator().manual_seed(seed)
         train_index = train_index[torch.randperm(len(train_index), generator=generator)[:max_train].to(device)]
@@ -160,8 +158,7 @@ def ncm_recognition(model, data, forget_classes, train_index=None, shots=10, dra
     of highest cosine similarity. The result is the mean over `draws` draws, with seed.
     """
     device = data.train_images.device
-    train_index = torch.arange(len(data.train_labels)) if train_index is None else train_index
-    train_index = train_index.to(device)
+    train_index = index_or_all(data, train_index)
     test_forget = forget_mask(data.test_labels, forget_classes)
     generator = torch.Generator().manual_seed(seed)
     by_class = [train_index[data.train_labels[train_index] == c] for c in range(data.num_classes)]

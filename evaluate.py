@@ -22,7 +22,7 @@ import torch
 
 from checkpoints import check_checkpoint_fits, load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, pick_device, positive_int, run_cli
-from data import check_classes, forget_mask, load_dataset, percent, predict, training_index
+from data import check_classes, forget_mask, index_or_all, load_dataset, percent, predict, training_index
 from depth import depth_metrics
 from models import to_device
 
@@ -56,13 +56,18 @@ def fit_threshold(member_scores, nonmember_scores):
     return (scores[k - 1].item() + scores[k].item()) / 2
 
 
+def equal_draw(members, nonmembers, seed=0):
+    """As many members as non-members (the smaller count), each in a random order drawn with seed,
+    the same way every run."""
+    n = min(len(members), len(nonmembers))
+    generator = torch.Generator().manual_seed(seed)
+    return (members[torch.randperm(len(members), generator=generator)[:n].to(members.device)],
+            nonmembers[torch.randperm(len(nonmembers), generator=generator)[:n].to(nonmembers.device)])
+
+
 def mia_efficacy(train_scores_retain, test_scores_retain, forget_scores, seed=0):
     """Share (%) of forget-class training images the member/non-member threshold calls non-members."""
-    n = min(len(train_scores_retain), len(test_scores_retain))
-    generator = torch.Generator().manual_seed(seed)  # equal counts, drawn the same way every run
-    members = train_scores_retain[torch.randperm(len(train_scores_retain), generator=generator)[:n].to(train_scores_retain.device)]
-    nonmembers = test_scores_retain[torch.randperm(len(test_scores_retain), generator=generator)[:n].to(test_scores_retain.device)]
-    threshold = fit_threshold(members, nonmembers)
+    threshold = fit_threshold(*equal_draw(train_scores_retain, test_scores_retain, seed))
     return percent(forget_scores < threshold)
 
 
@@ -70,12 +75,10 @@ def attack_accuracy(members, nonmembers, seed=0):
     """How well the threshold attack tells members from non-members at all: fit on one half of
     each (equal counts, drawn with seed), accuracy (%) on the other half. Near 50, MIA-efficacy is
     noise: the model treats its training images and unseen images alike."""
-    n = min(len(members), len(nonmembers)) // 2
+    members, nonmembers = equal_draw(members, nonmembers, seed)
+    n = len(members) // 2
     if n == 0:
         return float("nan")
-    generator = torch.Generator().manual_seed(seed)
-    members = members[torch.randperm(len(members), generator=generator).to(members.device)]
-    nonmembers = nonmembers[torch.randperm(len(nonmembers), generator=generator).to(nonmembers.device)]
     threshold = fit_threshold(members[:n], nonmembers[:n])
     held_out = torch.cat([members[n:2 * n] >= threshold, nonmembers[n:2 * n] < threshold])
     return percent(held_out)
@@ -108,9 +111,7 @@ def unlearning_metrics(model, data, forget_classes, train_index=None, forget_ind
     (forget_classes then empty): UA and MIA on them, RA on the other training images, TA on the
     whole test set, and no forget test accuracy (no test image is forgotten)."""
     device = data.train_images.device
-    if train_index is None:
-        train_index = torch.arange(len(data.train_labels))
-    train_index = train_index.to(device)
+    train_index = index_or_all(data, train_index)
     train_labels = data.train_labels[train_index]
     train_logits = predict(model, data, data.train_images[train_index])
     test_logits = predict(model, data, data.test_images)
