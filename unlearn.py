@@ -27,8 +27,8 @@ from bench import bench_step_times, inference_seconds, print_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
                          fresh_model, model_from_checkpoint, save_checkpoint, save_text)
 from cli import ArgumentParser, UserError, fraction, number, pick_device, positive_float, positive_int, run_cli
-from data import (check_classes, check_dataset_name, forget_share_index, load_dataset, read_forget_index,
-                  training_index)
+from data import (check_classes, check_dataset_name, forget_mask, forget_share_index, load_dataset,
+                  read_forget_index, training_index)
 from depth import add_depth_scores, depth_metrics
 from evaluate import gaps_to_retrain, markdown_table, summarize, unlearning_metrics
 from models import HEAD, check_arch, to_device
@@ -242,7 +242,7 @@ def forget_split(data, index, args, base):
     base the forget set's names. The forget set: whole classes, a random share (drawn with the
     seed, the same share of every class) or the images a file names."""
     if args.forget_class:
-        forget = index[torch.isin(data.train_labels.cpu()[index], torch.tensor(args.forget_class))]
+        forget = index[forget_mask(data.train_labels.cpu()[index], args.forget_class)]
         base.forget_name = "-".join(map(str, args.forget_class))
     else:
         forget = (forget_share_index(data, index, args.forget_share, base.seed) if args.forget_share
