@@ -19,21 +19,22 @@ from models import HEAD
 
 
 @torch.no_grad()
-def inference_seconds(model, data, repeats=10, batch_size=256):
-    """Fastest of several forward passes over a test batch (the minimum is the least disturbed
-    by other work on the machine)."""
+def inference_time_ratio(model, reference, data, rounds=15, batch_size=256):
+    """Inference time of model over reference's on one test batch: the fastest of `rounds` forward
+    passes each, taken in turn (model, reference, model, ...) so that a burst of other work on the
+    machine slows both alike, and the fastest pass is the least disturbed."""
     batch = data.test_images[:batch_size]
-    predict(model, data, batch)  # warm-up
-    times = []
-    for _ in range(repeats):
-        if batch.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        predict(model, data, batch)
-        if batch.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    times = {"model": [], "reference": []}
+    for _ in range(rounds + 1):
+        for key, m in (("model", model), ("reference", reference)):
+            if batch.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            predict(m, data, batch)
+            if batch.is_cuda:
+                torch.cuda.synchronize()
+            times[key].append(time.perf_counter() - start)
+    return min(times["model"][1:]) / min(times["reference"][1:])  # [1:]: the first round warms up
 
 
 def bench_step_times(base, data, split, args, device, steps):

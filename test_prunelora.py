@@ -148,6 +148,22 @@ def test_a_channels_last_model_prunes_adapts_and_merges_like_a_contiguous_one():
     assert close(pl.merge_lora(fast)(x), out) and pl.sparsity(fast) == pl.sparsity(pl.merge_lora(model))
 
 
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_pruned_and_merged_weights_keep_the_models_memory_layout(in_channels):
+    """A conv with one input channel fits both layouts, and elementwise ops on it (weight * mask)
+    may return the default one: the merged conv then reorders its activations at every call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(in_channels, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.randn(1, in_channels, 8, 8))
+    model = model.to(memory_format=torch.channels_last)
+    strides = {name: p.stride() for name, p in model.named_parameters()}
+    pl.prune_global(model, 0.5, exclude=("4",))
+    pl.add_lora(model, r=2, alpha=4, exclude=("4",))
+    randomize_factors(model)
+    assert model[0].merged_weight().stride() == strides["0.weight"]  # the weight each training step uses
+    assert {name: p.stride() for name, p in pl.merge_lora(model).named_parameters()} == strides
+
+
 def test_pruning_is_global_not_per_layer():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     with torch.no_grad():

@@ -23,7 +23,7 @@ import torch
 import prunelora as pl
 from baselines import (finetune_on, reset_forget_rows, unlearn_finetune, unlearn_ga, unlearn_hidden, unlearn_lora,
                        unlearn_prune_finetune, unlearn_retrain, unlearn_rl)
-from bench import bench_step_times, inference_seconds, print_bench
+from bench import bench_step_times, inference_time_ratio, print_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
                          fresh_model, model_from_checkpoint, save_checkpoint, save_text)
 from cli import ArgumentParser, UserError, fraction, number, pick_device, positive_float, positive_int, run_cli
@@ -264,8 +264,7 @@ def run_methods(run, base, args):
     for method in run.methods:
         print(f"{method}:" + (f" (seed {args.seed})" if len(run.bases) > 1 else ""), flush=True)
         model, rows[method] = run_method(method, base.ckpt, data, split, args, device)
-        # timed back to back, so that other load on the machine affects both alike
-        rows[method]["inference_time_ratio"] = inference_seconds(model, data) / inference_seconds(base_model, data)
+        rows[method]["inference_time_ratio"] = inference_time_ratio(model, base_model, data)
         if method not in NOT_UNLEARNED:
             save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base.ckpt["args"], method=method,
                                             forget_class=args.forget_class, forget_index=args.forget_index),
