@@ -53,9 +53,13 @@ def recognition(model, data, index, forget_classes, n_forget):
     return percent(correct) - percent(forget_mask(predicted[n_forget:], forget_classes))
 
 
-def relearn_steps(model, data, forget_classes, train_index=None, share=0.01, minimum=10, cap=100, lr=0.01,
-                  batch_size=128, target=50.0, reset_head=True, seed=0):
-    """SGD steps on the whole model (a copy) until the forget classes are recognised again.
+def relearn(model, data, forget_classes, train_index=None, share=0.01, minimum=10, cap=100, lr=0.01,
+            batch_size=128, target=50.0, reset_head=True, seed=0, at=(1, 5, 20)):
+    """Relearn the forget classes with SGD on the whole model (a copy); return (steps, after).
+
+    steps: SGD steps until the classes are recognised again (fewer: shallower forgetting). after:
+    recognition() after each of the `at` step counts, as relearn_<k>, and relearn_auc, its mean
+    over steps 1..max(at): graded readings that do not saturate at the cap as the count can.
 
     The relearning set is share (1%) of the forget classes' training images in train_index, at least
     minimum (10), plus as many retained ones, drawn with seed. Each step is one augmented batch of at
@@ -64,12 +68,12 @@ def relearn_steps(model, data, forget_classes, train_index=None, share=0.01, min
     large, aligned gradients (Adam made the first steps of every model alike).
     Recognised: recognition() >= target, i.e. the forget classes' test accuracy minus the share of
     an equal number of retained test images (drawn with seed) called a forget class. It is checked
-    before the first step and after every step; the first step count where it holds is returned.
+    before the first step and after every step; the first step count where it holds is the count.
     cap (default 100) is returned when it does not hold within cap steps: read it as 'cap or more'.
     With reset_head (default) the forget rows of the head are first reset to the mean row
     (reset_head_rows), so the count measures what the features kept, not what the head hides, and
     the count starts from a head that does not predict the class. The input model is untouched;
-    the same seed gives the same count on the CPU.
+    the same seed gives the same readings on the CPU.
     """
     device = data.train_images.device
     train_index = index_or_all(data, train_index)
@@ -78,7 +82,7 @@ def relearn_steps(model, data, forget_classes, train_index=None, share=0.01, min
     test_forget = forget_mask(data.test_labels, forget_classes)
     test_index = torch.arange(len(data.test_labels), device=device)
     if not len(forget) or not len(retain) or not test_forget.any() or test_forget.all():
-        raise UserError("relearn_steps needs forget-class and retained images in both the training and test sets")
+        raise UserError("relearning needs forget-class and retained images in both the training and test sets")
     generator = torch.Generator().manual_seed(seed)  # the relearning set, the check set, batches and augmentation
     n = min(max(math.ceil(share * len(forget)), minimum), len(forget), len(retain))
     draw = lambda index, k: index[torch.randperm(len(index), generator=generator)[:k].to(device)]
@@ -93,9 +97,13 @@ def relearn_steps(model, data, forget_classes, train_index=None, share=0.01, min
         p.requires_grad_(True)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    for step in range(cap):
-        if recognition(model, data, check, forget_classes, n_check) >= target:
-            return step
+    steps, curve = None, []  # curve[k]: recognition after k steps
+    for step in range(max(cap, *at) + 1):
+        curve.append(recognition(model, data, check, forget_classes, n_check))
+        if steps is None and curve[-1] >= target and step <= cap:
+            steps = step
+        if (steps is not None or step >= cap) and step >= max(at):
+            break
         batch = draw(pool, batch_size)
         x, y = make_batch(data, data.train_images, batch, generator), data.train_labels[batch]
         with autocast(device):
@@ -103,7 +111,13 @@ def relearn_steps(model, data, forget_classes, train_index=None, share=0.01, min
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return cap
+    after = {f"relearn_{k}": curve[k] for k in at}
+    return (cap if steps is None else steps), dict(after, relearn_auc=sum(curve[1:max(at) + 1]) / max(at))
+
+
+def relearn_steps(model, data, forget_classes, train_index=None, **settings):
+    """SGD steps until the forget classes are recognised again (relearn(); `cap` or more: cap)."""
+    return relearn(model, data, forget_classes, train_index, **settings)[0]
 
 
 def probe_accuracy(model, data, forget_classes, train_index=None, seed=0, max_train=10000, steps=100, lr=0.05,
@@ -174,11 +188,69 @@ def ncm_recognition(model, data, forget_classes, train_index=None, shots=10, dra
     return percent(assigned == data.test_labels[test_forget])
 
 
-def depth_metrics(model, data, forget_classes, train_index=None, seed=0):
-    """relearn_steps, probe_acc and ncm_acc with their defaults: the one call unlearn.py makes."""
-    return dict(relearn_steps=relearn_steps(model, data, forget_classes, train_index, seed=seed),
-                probe_acc=probe_accuracy(model, data, forget_classes, train_index, seed=seed),
-                ncm_acc=ncm_recognition(model, data, forget_classes, train_index, seed=seed))
+@torch.no_grad()
+def feature_similarity(model, reference, data, forget_classes):
+    """Linear CKA (0 to 1) of the model's penultimate features of the forget classes' test images with
+    the reference model's: 1 when they are the same up to rotation and scale. With the base model as
+    reference (cka_base), how much of the base's view of the forgotten classes the model kept."""
+    images = data.test_images[forget_mask(data.test_labels, forget_classes)]
+    x = predict(model, data, images, features=True).double()      # (N, D)
+    y = predict(reference, data, images, features=True).double()  # (N, D')
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float((y.T @ x).square().sum() / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+NCM_SHOTS = (5, 10, 50)  # 10 is ncm_acc, the others ncm_acc_<shots> (50 only where every class has 50 images)
+
+
+def depth_metrics(model, data, forget_classes, train_index=None, seed=0, reference=None):
+    """Every depth measure with its defaults: the one call unlearn.py and evaluate.py make.
+    reference: the base model, where known, for cka_base."""
+    steps, after = relearn(model, data, forget_classes, train_index, seed=seed)
+    row = dict(relearn_steps=steps, **after, probe_acc=probe_accuracy(model, data, forget_classes, train_index, seed=seed))
+    labels = data.train_labels[index_or_all(data, train_index)]
+    fewest = int(torch.bincount(labels, minlength=data.num_classes).min())
+    for shots in NCM_SHOTS:
+        if shots <= max(fewest, 10):  # 10 always: too few images is an error there, as before
+            key = "ncm_acc" if shots == 10 else f"ncm_acc_{shots}"
+            row[key] = ncm_recognition(model, data, forget_classes, train_index, shots=shots, seed=seed)
+    if reference is not None:
+        row["cka_base"] = feature_similarity(model, reference, data, forget_classes)
+    return row
+
+
+DEPTH_MEASURES = ("relearn_steps", "relearn_1", "relearn_5", "relearn_20", "relearn_auc", "probe_acc",
+                  "ncm_acc_5", "ncm_acc", "ncm_acc_50", "cka_base")
+
+
+def separation(per_seed):
+    """How well each depth measure tells the two ends of the scale apart, over seeds: the hidden end
+    (the base row: the hidden model's features are the base's) against Retrain. per_seed: {seed:
+    rows}. Returns {measure: dict(hidden, hidden_std, retrain, retrain_std, separation)}, where
+    separation = |hidden - retrain| / the larger standard deviation (inf when both are 0): above 1,
+    the two ends differ by more than one seed's spread."""
+    runs = [rows for rows in per_seed.values() if "base" in rows and "retrain" in rows]
+    table = {}
+    for measure in DEPTH_MEASURES:
+        if len(runs) < 2 or any(measure not in rows["base"] or measure not in rows["retrain"] for rows in runs):
+            continue
+        ends = {end: torch.tensor([float(rows[end][measure]) for rows in runs], dtype=torch.float64)
+                for end in ("base", "retrain")}
+        spread = max(float(ends["base"].std()), float(ends["retrain"].std()))
+        gap = abs(float(ends["base"].mean() - ends["retrain"].mean()))
+        table[measure] = dict(hidden=float(ends["base"].mean()), hidden_std=float(ends["base"].std()),
+                              retrain=float(ends["retrain"].mean()), retrain_std=float(ends["retrain"].std()),
+                              separation=gap / spread if spread else (math.inf if gap else 0.0))
+    return table
+
+
+def separation_table(table):
+    """separation() as a markdown table."""
+    lines = ["| measure | hidden (base) | Retrain | separation |", "|---|---|---|---|"]
+    for measure, r in table.items():
+        lines.append(f"| {measure} | {r['hidden']:.2f} ± {r['hidden_std']:.2f} | {r['retrain']:.2f} ± "
+                     f"{r['retrain_std']:.2f} | {r['separation']:.1f} |")
+    return "\n".join(lines)
 
 
 def add_depth_scores(rows, measure="ncm_acc"):

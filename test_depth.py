@@ -161,7 +161,32 @@ def test_measures_leave_the_model_untouched(models):
 def test_depth_metrics_are_deterministic(models, depth):
     data, m, _ = models
     assert measures.depth_metrics(m["retrain"], data, FORGET) == depth["retrain"]
-    assert set(depth["retrain"]) == {"relearn_steps", "probe_acc", "ncm_acc"}
+    assert set(depth["retrain"]) == set(measures.DEPTH_MEASURES) - {"cka_base"}  # cka_base: only with a reference
+
+
+def test_relearning_curve_starts_higher_for_the_hidden_model(depth):
+    """The graded readings of the same relearning: the hidden model recognises the class again sooner."""
+    hidden, retrain = depth["hidden"], depth["retrain"]
+    assert hidden["relearn_auc"] > retrain["relearn_auc"]
+    assert hidden["relearn_20"] >= 50 > retrain["relearn_5"]  # hidden relearns in <= 3 steps, Retrain in >= 12
+
+
+def test_feature_similarity_is_1_for_the_same_features_and_lower_for_retrain(models):
+    data, m, _ = models
+    assert measures.feature_similarity(m["base"], m["base"], data, FORGET) == pytest.approx(1.0)
+    assert measures.feature_similarity(m["hidden"], m["base"], data, FORGET) == pytest.approx(1.0)  # only the head changed
+    assert measures.feature_similarity(m["retrain"], m["base"], data, FORGET) < 0.99
+
+
+def test_separation_is_the_gap_over_the_larger_seed_spread():
+    per_seed = {seed: {"base": dict(ncm_acc=90.0 + d, probe_acc=80.0), "retrain": dict(ncm_acc=60.0 + 2 * d, probe_acc=80.0)}
+                for seed, d in enumerate((-1.0, 0.0, 1.0))}
+    table = measures.separation(per_seed)
+    assert set(table) == {"ncm_acc", "probe_acc"}  # the measures every run has
+    assert table["ncm_acc"]["hidden"] == 90 and table["ncm_acc"]["retrain"] == 60
+    assert table["ncm_acc"]["separation"] == pytest.approx(30 / 2)  # Retrain's std is 2
+    assert table["probe_acc"]["separation"] == 0  # equal at both ends: tells nothing
+    assert measures.separation({0: per_seed[0]}) == {}  # one seed: no spread to compare with
 
 
 def test_train_index_without_the_forget_class_is_refused(models):

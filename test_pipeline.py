@@ -123,6 +123,23 @@ def test_several_seeds_run_the_comparison_once_each_with_their_own_base_and_repo
     assert not torch.equal(*(u["state_dict"]["head.weight"] for u in unlearned))  # two seeds, two different runs
 
 
+def test_several_seeds_with_depth_report_which_measures_tell_hidden_from_retrain(synthetic_dataset, tmp_path):
+    dataset, data_dir = synthetic_dataset
+    result = run("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--forget-class", "1", "--depth",
+                 "--method", "retrain,hidden", "--seed", "0", "1", *FAST_BASE, *FAST_UNLEARN, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    stem = Path(default_checkpoint(dataset, "cnn")).stem
+    saved = json.loads((tmp_path / "results" / f"{stem}-forget1-seeds0-1.json").read_text())
+    table = saved["depth_separation"]
+    assert {"relearn_steps", "relearn_auc", "ncm_acc", "cka_base"} <= set(table)
+    for measure, ends in table.items():  # the two ends are the seeds' base and Retrain rows
+        runs = [saved["per_seed"][s] for s in ("0", "1")]
+        assert ends["retrain"] == pytest.approx(sum(r["retrain"][measure] for r in runs) / 2)
+        assert ends["hidden"] == pytest.approx(sum(r["base"][measure] for r in runs) / 2)
+    assert saved["results"]["base"]["cka_base"] == pytest.approx(1.0)
+    assert "separation" in result.stdout
+
+
 def test_random_sample_forgetting_runs_every_method_and_reads_them_against_retrain(synthetic_dataset, base_checkpoint,
                                                                                      tmp_path):
     dataset, data_dir = synthetic_dataset

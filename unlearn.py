@@ -29,7 +29,7 @@ from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict,
 from cli import ArgumentParser, UserError, fraction, number, pick_device, positive_float, positive_int, run_cli
 from data import (check_classes, check_dataset_name, forget_mask, forget_share_index, load_dataset,
                   read_forget_index, training_index)
-from depth import add_depth_scores, depth_metrics
+from depth import add_depth_scores, depth_metrics, separation, separation_table
 from evaluate import gaps_to_retrain, markdown_table, summarize, unlearning_metrics
 from models import HEAD, check_arch, to_device
 from train import add_data_args, add_train_args, train
@@ -62,7 +62,7 @@ UNLEARN = {"prunelora": unlearn_prunelora, "retrain": unlearn_retrain, "finetune
 # one method, measured
 
 
-def run_method(method, base, data, split, args, device):
+def run_method(method, base, data, split, args, device, base_model=None):
     torch.manual_seed(args.seed)
     model = fresh_model(base, device)
     if device.type == "cuda":
@@ -72,7 +72,7 @@ def run_method(method, base, data, split, args, device):
     facts = dict(dict(seconds=time.time() - start), **facts)  # Retrain's seconds: its training time
     row = unlearning_metrics(model, data, args.forget_class, split["train"], split["forget"])
     if args.depth:
-        row.update(depth_metrics(model, data, args.forget_class, split["train"], seed=args.seed))
+        row.update(depth_metrics(model, data, args.forget_class, split["train"], seed=args.seed, reference=base_model))
     row.update(facts, trainable_share=facts["trainable_params"] / sum(p.numel() for p in model.parameters()),
                sparsity=pl.sparsity(model))
     if device.type == "cuda":
@@ -260,10 +260,11 @@ def run_methods(run, base, args):
     rows = {"base": unlearning_metrics(base_model, data, args.forget_class, split["train"], split["forget"])}
     rows["base"].update(seconds=base.ckpt.get("seconds"), sparsity=pl.sparsity(base_model))
     if args.depth:
-        rows["base"].update(depth_metrics(base_model, data, args.forget_class, split["train"], seed=args.seed))
+        rows["base"].update(depth_metrics(base_model, data, args.forget_class, split["train"], seed=args.seed,
+                                          reference=base_model))
     for method in run.methods:
         print(f"{method}:" + (f" (seed {args.seed})" if len(run.bases) > 1 else ""), flush=True)
-        model, rows[method] = run_method(method, base.ckpt, data, split, args, device)
+        model, rows[method] = run_method(method, base.ckpt, data, split, args, device, base_model)
         rows[method]["inference_time_ratio"] = inference_time_ratio(model, base_model, data)
         if method not in NOT_UNLEARNED:
             save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base.ckpt["args"], method=method,
@@ -300,6 +301,10 @@ def report(per_seed, run, args):
         saved = dict(settings=settings, base=bases, device=str(run.device), results=mean, spread=spread,
                      per_seed={str(seed): rows for seed, rows in per_seed.items()})
         table = f"mean ± standard deviation over seeds {', '.join(map(str, per_seed))}\n\n{table}"
+        if args.depth and "retrain" in run.methods:  # which depth measure tells hidden from Retrain
+            saved["depth_separation"] = separation(per_seed)
+            table += ("\n\ndepth measures at the two ends of the scale (separation: their gap over the larger "
+                      f"standard deviation)\n\n{separation_table(saved['depth_separation'])}")
     save_text(json.dumps(saved, indent=2), run.results)
     save_text(f"{table}\n", run.results.with_suffix(".md"))
     print(f"\n{table}\n\nwritten to {run.results} and {run.results.with_suffix('.md')}")
