@@ -1,11 +1,12 @@
-"""What unlearning costs, measured side by side in one process: training-step time and (on CUDA) peak memory of
-full fine-tuning, LoRA and PruneLoRA on one batch, and a model's inference time.
+"""What unlearning costs, measured side by side: training-step time and peak training memory of full
+fine-tuning, LoRA and PruneLoRA on one batch, and a model's inference time against another's.
 
-    python unlearn.py --forget-class 3 --bench-steps 20     # prints the step-time ratios
+    python unlearn.py --forget-class 3 --bench-steps 20     # prints step times, their ratios, peak memory
 
 Every figure is a ratio of runs made back to back, so that other load on the machine affects both
 alike; the minimum of several repeats is the least disturbed.
 """
+import os
 import time
 
 import torch
@@ -37,42 +38,75 @@ def inference_time_ratio(model, reference, data, rounds=15, batch_size=256):
     return min(times["model"][1:]) / min(times["reference"][1:])  # [1:]: the first round warms up
 
 
-def bench_step_times(base, data, split, args, device, steps):
+def _prepare(name, model, settings):
+    """finetune: the model as it is; lora: LoRA on the dense base; prunelora: pruned, then LoRA."""
+    if name == "finetune":
+        return
+    if name == "prunelora":
+        pl.prune_global(model, settings["prune_amount"], exclude=HEAD)
+    pl.add_lora(model, settings["rank"], settings["alpha"], settings["lora_dropout"], exclude=HEAD)
+    pl.mark_only_lora_trainable(model, keep=HEAD)
+
+
+def time_steps(name, base, x, y, settings, steps):
+    """`name`'s model built on the base checkpoint, then steps + 3 Adam steps on the batch (x, y):
+    (seconds of each step, trainable parameter count)."""
+    device = x.device
+    model = fresh_model(base, device)
+    _prepare(name, model, settings)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-9)  # a tiny step: the timing, not the weights, matters
+    times = []
+    for _ in range(steps + 3):  # 3 warm-up steps
+        start = time.perf_counter()
+        with autocast(device):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times, sum(p.numel() for p in params)
+
+
+def peak_memory_mb(name, base, x, y, settings):
+    """Peak tensor memory (MiB) from building `name`'s model on the base checkpoint through 3 Adam
+    steps: the model's copy, masks, LoRA factors, gradients, optimizer state and activations. On
+    the CPU, where no allocator keeps count, it is the highest point of the running sum of the
+    profiler's allocation records (frees count negative); peak resident memory would also count
+    library code paged in and memory freed earlier but kept by malloc."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" line on a machine without a GPU
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        time_steps(name, base, x, y, settings, steps=0)
+    records = sorted((r.start_ns(), r.nbytes()) for r in prof.profiler.kineto_results.events() if r.name() == "[memory]")
+    total = peak = 0
+    for _, nbytes in records:
+        total += nbytes
+        peak = max(peak, total)
+    return peak / 2**20
+
+
+def bench_step_times(base, data, split, args, device, steps, memory=False):
     """Seconds per training step on one fixed batch of retained images: full fine-tuning vs LoRA
-    (dense base, factored path) vs PruneLoRA (pruned base, masked update), each with Adam."""
+    (dense base, factored path) vs PruneLoRA (pruned base, masked update), each with Adam. On CUDA,
+    and with memory=True on the CPU, also each one's peak training memory in MiB (CUDA's
+    max_memory_allocated; peak_memory_mb on the CPU)."""
     batch = split["retain"][:args.batch_size].to(device)
     x, y = make_batch(data, data.train_images, batch), data.train_labels[batch]
-    setups = {
-        "finetune": lambda model: None,
-        "lora": lambda model: pl.add_lora(model, args.rank, args.alpha, args.lora_dropout, exclude=HEAD),
-        "prunelora": lambda model: (pl.prune_global(model, args.prune_amount, exclude=HEAD),
-                                    pl.add_lora(model, args.rank, args.alpha, args.lora_dropout, exclude=HEAD)),
-    }
+    settings = {key: getattr(args, key) for key in ("rank", "alpha", "lora_dropout", "prune_amount")}
     rows = {}
-    for name, setup in setups.items():
-        model = fresh_model(base, device)
-        setup(model)
-        if name != "finetune":
-            pl.mark_only_lora_trainable(model, keep=HEAD)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=1e-9)  # a tiny step: the timing, not the weights, matters
+    for name in ("finetune", "lora", "prunelora"):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        times = []
-        for step in range(steps + 3):  # 3 warm-up steps
-            start = time.perf_counter()
-            with autocast(device):
-                loss = F.cross_entropy(model(x).float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        rows[name] = dict(step_ms=1000 * min(times[3:]), trainable_params=sum(p.numel() for p in params))
-        if device.type == "cuda":
-            rows[name]["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            held = torch.cuda.memory_allocated()  # the dataset and the batch: not the setup's
+        times, trainable = time_steps(name, base, x, y, settings, steps)
+        peak = ((torch.cuda.max_memory_allocated() - held) / 2**20 if device.type == "cuda" else
+                peak_memory_mb(name, base, x, y, settings) if memory else None)  # a separate run: profiling slows steps
+        rows[name] = dict(step_ms=1000 * min(times[3:]), trainable_params=trainable)
+        if peak is not None:
+            rows[name]["peak_memory_mb"] = peak
     for row in rows.values():
         row["step_time_vs_finetune"] = row["step_ms"] / rows["finetune"]["step_ms"]
     return rows
@@ -82,4 +116,7 @@ def print_bench(rows, args, device):
     print(f"\nbatch of {args.batch_size} on {device}, fastest of {args.bench_steps} steps after 3 warm-up steps:")
     for name, row in rows.items():
         print(f"  {name:10s} {row['step_ms']:8.1f} ms/step  {row['step_time_vs_finetune']:.2f} x finetune  "
-              f"{row['trainable_params']:,} trainable" + (f"  {row['peak_memory_mb']:.0f} MB peak" if "peak_memory_mb" in row else ""))
+              f"{row['trainable_params']:,} trainable" + (f"  {row['peak_memory_mb']:.0f} MiB peak" if "peak_memory_mb" in row else ""))
+    if any("peak_memory_mb" in row for row in rows.values()):
+        print("peak: tensor memory from building the model through 3 steps" + (
+            " (max_memory_allocated)" if device.type == "cuda" else " (the profiler's allocation records)"))

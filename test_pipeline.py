@@ -184,6 +184,8 @@ def test_bench_steps_prints_step_time_ratios(synthetic_dataset, base_checkpoint,
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if "ms/step" in line}
     assert set(lines) == {"finetune", "lora", "prunelora"} and "1.00 x finetune" in lines["finetune"]
+    peaks = [float(line.split("MiB peak")[0].split()[-1]) for line in lines.values()]  # each in its own process
+    assert all(peak > 0 for peak in peaks)
     assert not (tmp_path / "results").exists()  # a benchmark writes nothing
 
 

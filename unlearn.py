@@ -315,7 +315,7 @@ def main():
     run = setup(args)
     if args.bench_steps:
         base = run.bases[0]
-        rows = bench_step_times(base.ckpt, run.data, base.split, args, run.device, args.bench_steps)
+        rows = bench_step_times(base.ckpt, run.data, base.split, args, run.device, args.bench_steps, memory=True)
         print_bench(rows, args, run.device)
         return
     per_seed = {}
