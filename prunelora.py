@@ -73,10 +73,16 @@ def _effective_weight(layer):
     return layer.weight if mask is None else layer.weight_orig * mask
 
 
-def _detach_pruned_weight(layer):
+def _detach_pruned_weight(layer, wrapped=False):
     # prune leaves layer.weight = weight_orig * mask with a grad_fn, which copy.deepcopy refuses;
-    # the pruning hook recomputes it at every forward anyway
-    if _mask(layer) is not None:
+    # the pruning hook recomputes it at every forward anyway. In a LoRA wrapper it is not used at
+    # all (the wrapper builds M * (W + s B A) itself), so there the weight-sized copy is dropped.
+    if _mask(layer) is None:
+        return
+    if wrapped:
+        if "weight" in layer.__dict__:
+            del layer.weight
+    else:
         with torch.no_grad():
             layer.weight = layer.weight_orig * layer.weight_mask
 
@@ -113,6 +119,7 @@ def prune_global(model, amount, exclude=()):
         raise ValueError("the model has no Conv2d or Linear layer to prune (after exclude="
                          f"{tuple(exclude)!r}); allowed: a model with at least one such layer")
     modules = [m for _, m in layers]  # a wrapped layer's frozen base is found as "<name>.base"
+    wrapped = {id(w.base) for w in model.modules() if isinstance(w, _LoRALayer)}
     # The global threshold by hand rather than prune.global_unstructured, which flattens every weight
     # with .view(-1) and so fails on channels_last weights. The same choice: the round(amount * n)
     # smallest |w| among the weights not pruned yet, over all layers together (ties as torch.topk breaks them).
@@ -126,8 +133,9 @@ def prune_global(model, amount, exclude=()):
     keep[candidates[smallest]] = False
     for m, w, part in zip(modules, weights, keep.split([w.numel() for w in weights])):
         prune.custom_from_mask(m, "weight", part.reshape(w.shape).to(w.dtype))  # weight = weight_orig * mask
-        m.weight_mask = _like(m.weight_orig, m.weight_mask)  # prune stores masks in the default layout
-        _detach_pruned_weight(m)
+        # prune stores masks as floats, in the default layout: a bool mask is a quarter of the memory
+        m.weight_mask = _like(m.weight_orig, m.weight_mask).bool()
+        _detach_pruned_weight(m, wrapped=id(m) in wrapped)
     return int((~keep).sum()) / len(keep)
 
 
@@ -155,7 +163,7 @@ class _LoRALayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         for p in base.parameters():
             p.requires_grad_(False)
-        _detach_pruned_weight(base)
+        _detach_pruned_weight(base, wrapped=True)
 
     def reset_factors(self):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear/Conv2d init their weight
@@ -172,7 +180,7 @@ class _LoRALayer(nn.Module):
         mask = _mask(self.base)
         if mask is None:
             return _like(self.base.weight, self.base.weight + self.delta_weight())
-        return _like(mask, mask * (self.base.weight_orig + self.delta_weight()))  # pruned zeros stay exactly zero
+        return _like(self.base.weight_orig, mask * (self.base.weight_orig + self.delta_weight()))  # pruned zeros stay exactly zero
 
     def forward(self, x):
         mask = _mask(self.base)
@@ -181,7 +189,7 @@ class _LoRALayer(nn.Module):
         # Pruned base: M * (B @ A) is no longer low-rank, so the update is a full weight-sized
         # tensor. Without dropout on the LoRA input, one layer call with the merged weight does it.
         if self.training and self.dropout.p > 0:
-            return self.base(x) + self._layer(self.dropout(x), _like(mask, mask * self.delta_weight()), None)
+            return self.base(x) + self._layer(self.dropout(x), _like(self.base.weight_orig, mask * self.delta_weight()), None)
         return self._layer(x, self.merged_weight(), self.base.bias)
 
 
