@@ -15,7 +15,7 @@ from checkpoints import default_checkpoint, load_checkpoint
 from cli import UserError
 from data import Data, load_dataset, training_index
 from models import build_model
-from evaluate import attack_accuracy, fit_threshold, mia_efficacy, gaps_to_retrain, unlearning_metrics
+from evaluate import attack_accuracy, fit_threshold, gaps_to_retrain, meets_targets, mia_efficacy, unlearning_metrics
 
 HERE = Path(__file__).resolve().parent
 FAST_BASE = ["--arch", "cnn", "--base-epochs", "2", "--base-batch-size", "32", "--base-lr", "0.05"]
@@ -138,6 +138,26 @@ def test_several_seeds_with_depth_report_which_measures_tell_hidden_from_retrain
         assert ends["hidden"] == pytest.approx(sum(r["base"][measure] for r in runs) / 2)
     assert saved["results"]["base"]["cka_base"] == pytest.approx(1.0)
     assert "separation" in result.stdout
+
+
+def test_several_epoch_counts_give_a_row_each_and_the_fewest_epochs_to_the_targets(synthetic_dataset, base_checkpoint,
+                                                                                   tmp_path):
+    dataset, data_dir = synthetic_dataset
+    result = run("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--base", base_checkpoint, "--arch", "cnn",
+                 "--forget-class", "1", "--method", "retrain,finetune,ga", "--epochs", "2", "1", "--batch-size", "32",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "results" / f"{Path(default_checkpoint(dataset, 'cnn')).stem}-forget1.json").read_text())
+    rows = saved["results"]
+    assert set(rows) == {"base", "retrain", "finetune@1ep", "finetune@2ep", "ga@1ep", "ga@2ep"}  # Retrain once
+    for method in ("finetune", "ga"):
+        meets = [e for e in (1, 2) if meets_targets(rows[f"{method}@{e}ep"], rows["retrain"])]
+        (hit,) = saved["time_to_target"][method]
+        assert hit["epochs"] == (meets[0] if meets else None)
+        assert hit["seconds"] == (rows[f"{method}@{meets[0]}ep"]["seconds"] if meets else None)
+    assert "fewest epochs to the targets" in result.stdout
+    assert (tmp_path / "checkpoints" / "unlearned").joinpath(
+        f"{Path(default_checkpoint(dataset, 'cnn')).stem}-forget1-finetune-1ep.pt").is_file()
 
 
 def test_random_sample_forgetting_runs_every_method_and_reads_them_against_retrain(synthetic_dataset, base_checkpoint,

@@ -445,6 +445,8 @@ MISTAKES = {
     "train-fractional-width": (T, "{data} --arch resnet18 --width 1.5", "'1.5'"),
     "train-width-of-the-cnn": (T, "{data} --arch cnn --width 16", "--width 16"),
     "unlearn-seed-repeated": (U, "{data} --arch cnn --base {base} --forget-class 1 --seed 2 2", "2 2"),
+    "unlearn-epochs-repeated": (U, "{data} --arch cnn --base {base} --forget-class 1 --epochs 1 3 1", "1 3 1"),
+    "unlearn-epochs-zero": (U, "{data} --arch cnn --base {base} --forget-class 1 --epochs 1 0", "--epochs: 0"),
     "unlearn-forget-share-one": (U, "{data} --arch cnn --base {base} --forget-share 1", "--forget-share: 1.0"),
     "unlearn-forget-share-zero": (U, "{data} --arch cnn --base {base} --forget-share 0", "--forget-share: 0.0"),
     "unlearn-forget-share-empties-a-class": (U, "{data} --arch cnn --base {base} --forget-share 0.999", "class 0"),

@@ -30,12 +30,13 @@ from cli import ArgumentParser, UserError, fraction, number, pick_device, positi
 from data import (check_classes, check_dataset_name, forget_mask, forget_share_index, load_dataset,
                   read_forget_index, training_index)
 from depth import add_depth_scores, depth_metrics, separation, separation_table
-from evaluate import gaps_to_retrain, markdown_table, summarize, unlearning_metrics
+from evaluate import gaps_to_retrain, markdown_table, summarize, time_to_target, time_to_target_table, unlearning_metrics
 from models import HEAD, check_arch, to_device
 from train import add_data_args, add_train_args, train
 
 METHODS = ("prunelora", "retrain", "finetune", "prune-finetune", "lora", "ga", "rl", "hidden")
 NOT_UNLEARNED = ("hidden",)  # references only: their models are never saved where unlearned models go
+NO_EPOCHS = ("retrain", "hidden")  # run once whatever --epochs says: Retrain trains as the base did
 share = number(float, "between 0 and 1, both excluded", lambda v: 0 < v < 1)
 
 # -----------------------------------------------------------------------------
@@ -106,7 +107,9 @@ def parse_args():
     add_data_args(parser, many_seeds=True)
     parser.add_argument("--base", default=None,
                         help="base checkpoint for every seed (default checkpoints/<dataset>-<arch>[-seed<S>].pt, one per seed)")
-    parser.add_argument("--epochs", type=positive_int, default=5, help="unlearning epochs (the paper's 5)")
+    parser.add_argument("--epochs", type=positive_int, nargs="+", default=[5], metavar="E",
+                        help="unlearning epochs (the paper's 5); several (e.g. 1 2 3 5): each method once per count, "
+                        "and a table of the fewest epochs after which each meets the targets")
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate of the full-weight methods")
     parser.add_argument("--lora-lr", type=positive_float, default=3e-3,
@@ -189,6 +192,9 @@ def setup(args):
         methods = [m for m in methods if m != "hidden"]
     check_dataset_name(args.dataset)
     check_arch(args.arch, args.width)
+    if len(set(args.epochs)) != len(args.epochs):
+        raise UserError(f"--epochs repeats a count ({' '.join(map(str, args.epochs))}); name each once")
+    args.epochs = sorted(args.epochs)
     if len(set(args.seed)) != len(args.seed):
         raise UserError(f"--seed repeats a seed ({' '.join(map(str, args.seed))}); name each once")
     device = pick_device(args.device)
@@ -252,6 +258,12 @@ def forget_split(data, index, args, base):
     return dict(train=index, retain=index[~torch.isin(index, forget)], forget=forget)
 
 
+def method_runs(methods, epochs):
+    """(method, epochs, row name) of each run: one per epoch count, named method@<E>ep where there are several."""
+    return [(m, e, m if len(epochs) == 1 or m in NO_EPOCHS else f"{m}@{e}ep")
+            for m in methods for e in (epochs[-1:] if m in NO_EPOCHS else epochs)]
+
+
 def run_methods(run, base, args):
     """One seed's comparison: the base row, then each method's row; each unlearned model is saved,
     merged; depth scores last. args is this seed's: args.seed is base.seed."""
@@ -262,25 +274,27 @@ def run_methods(run, base, args):
     if args.depth:
         rows["base"].update(depth_metrics(base_model, data, args.forget_class, split["train"], seed=args.seed,
                                           reference=base_model))
-    for method in run.methods:
-        print(f"{method}:" + (f" (seed {args.seed})" if len(run.bases) > 1 else ""), flush=True)
-        model, rows[method] = run_method(method, base.ckpt, data, split, args, device, base_model)
-        rows[method]["inference_time_ratio"] = inference_time_ratio(model, base_model, data)
+    for method, epochs, name in method_runs(run.methods, args.epochs):
+        print(f"{name}:" + (f" (seed {args.seed})" if len(run.bases) > 1 else ""), flush=True)
+        method_args = argparse.Namespace(**dict(vars(args), epochs=epochs))
+        model, rows[name] = run_method(method, base.ckpt, data, split, method_args, device, base_model)
+        rows[name]["inference_time_ratio"] = inference_time_ratio(model, base_model, data)
         if method not in NOT_UNLEARNED:
-            save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base.ckpt["args"], method=method,
+            save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base.ckpt["args"], method=method, epochs=epochs,
                                             forget_class=args.forget_class, forget_index=args.forget_index),
                                             width=base.ckpt.get("width"),
-                                            metrics=rows[method]),
-                            Path("checkpoints/unlearned") / f"{base.tag}-{method}.pt")
-        print(f"    UA {rows[method]['UA']:.2f}  MIA {rows[method]['MIA']:.2f}  RA {rows[method]['RA']:.2f}  "
-              f"TA {rows[method]['TA']:.2f}  {rows[method]['seconds']:.1f} s", flush=True)
+                                            metrics=rows[name]),
+                            Path("checkpoints/unlearned") / f"{base.tag}-{name.replace('@', '-')}.pt")
+        print(f"    UA {rows[name]['UA']:.2f}  MIA {rows[name]['MIA']:.2f}  RA {rows[name]['RA']:.2f}  "
+              f"TA {rows[name]['TA']:.2f}  {rows[name]['seconds']:.1f} s", flush=True)
     if "retrain" in rows:
-        for method in run.methods:
-            rows[method]["time_vs_retrain"] = rows[method]["seconds"] / rows["retrain"]["seconds"]
+        for name in rows:
+            if name != "base":
+                rows[name]["time_vs_retrain"] = rows[name]["seconds"] / rows["retrain"]["seconds"]
     if {"prunelora", "lora", "finetune"} & set(run.methods):  # step times on one batch, side by side
         for method, bench in bench_step_times(base.ckpt, data, split, args, device, steps=10).items():
-            if method in rows:
-                rows[method]["step_time_vs_finetune"] = bench["step_time_vs_finetune"]
+            for name in (name for m, _, name in method_runs(run.methods, args.epochs) if m == method):
+                rows[name]["step_time_vs_finetune"] = bench["step_time_vs_finetune"]
     for method in gaps_to_retrain(rows):
         print(f"warning: {method}'s MIA ({rows[method]['MIA']:.2f}) is far above Retrain's ({rows['retrain']['MIA']:.2f}): "
               "over-unlearning; its forget images look less like training data than unseen images do", flush=True)
@@ -305,6 +319,15 @@ def report(per_seed, run, args):
             saved["depth_separation"] = separation(per_seed)
             table += ("\n\ndepth measures at the two ends of the scale (separation: their gap over the larger "
                       f"standard deviation)\n\n{separation_table(saved['depth_separation'])}")
+    if len(args.epochs) > 1 and "retrain" in run.methods and args.forget_class:
+        runs = {}  # {method: {epochs: row name}}
+        for method, epochs, name in method_runs(run.methods, args.epochs):
+            if method not in NO_EPOCHS:
+                runs.setdefault(method, {})[epochs] = name
+        found = time_to_target(per_seed, runs)
+        saved["time_to_target"] = {m: [dict(epochs=e, seconds=t) for e, t in hits] for m, hits in found.items()}
+        table += ("\n\nfewest epochs to the targets (UA >= 99.9, MIA >= 99, RA >= Retrain - 0.3, TA >= Retrain - 1.0)"
+                  f"\n\n{time_to_target_table(found, per_seed, args.epochs[-1])}")
     save_text(json.dumps(saved, indent=2), run.results)
     save_text(f"{table}\n", run.results.with_suffix(".md"))
     print(f"\n{table}\n\nwritten to {run.results} and {run.results.with_suffix('.md')}")
