@@ -180,7 +180,8 @@ class _LoRALayer(nn.Module):
         mask = _mask(self.base)
         if mask is None:
             return _like(self.base.weight, self.base.weight + self.delta_weight())
-        return _like(self.base.weight_orig, mask * (self.base.weight_orig + self.delta_weight()))  # pruned zeros stay exactly zero
+        merged = mask * (self.base.weight_orig + self.delta_weight())  # pruned zeros stay exactly zero
+        return _like(self.base.weight_orig, merged)
 
     def forward(self, x):
         mask = _mask(self.base)
@@ -189,7 +190,8 @@ class _LoRALayer(nn.Module):
         # Pruned base: M * (B @ A) is no longer low-rank, so the update is a full weight-sized
         # tensor. Without dropout on the LoRA input, one layer call with the merged weight does it.
         if self.training and self.dropout.p > 0:
-            return self.base(x) + self._layer(self.dropout(x), _like(self.base.weight_orig, mask * self.delta_weight()), None)
+            update = _like(self.base.weight_orig, mask * self.delta_weight())
+            return self.base(x) + self._layer(self.dropout(x), update, None)
         return self._layer(x, self.merged_weight(), self.base.bias)
 
 

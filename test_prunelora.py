@@ -161,6 +161,8 @@ def test_pruned_and_merged_weights_keep_the_models_memory_layout(in_channels):
     pl.add_lora(model, r=2, alpha=4, exclude=("4",))
     randomize_factors(model)
     assert model[0].merged_weight().stride() == strides["0.weight"]  # the weight each training step uses
+    model(torch.randn(2, in_channels, 8, 8).contiguous(memory_format=torch.channels_last)).sum().backward()
+    assert model[0].lora_B.weight.grad.abs().sum() > 0  # the gradient passes the change of layout
     assert {name: p.stride() for name, p in pl.merge_lora(model).named_parameters()} == strides
 
 
