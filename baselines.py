@@ -100,12 +100,14 @@ def unlearn_rl(model, data, split, args):
 
 
 def unlearn_retrain(model, data, split, args):
-    """Exact unlearning: train from scratch without the forget set, with the base's settings.
+    """Exact unlearning: train from scratch without the forget set, with the base's settings and
+    this run's seed (with one --base for several seeds, each seed has its own Retrain).
 
     A Retrain checkpoint of exactly these settings (train.py's RUN_KEYS) is used where it is
     complete and continued where it was cut, so a long comparison can be run again without
     training Retrain twice; any other file at that path is trained over, as train.py would."""
-    retrain_args = dict(args.base_ckpt["args"], exclude_class=list(args.forget_class), exclude_index=args.forget_index)
+    retrain_args = dict(args.base_ckpt["args"], seed=args.seed, exclude_class=list(args.forget_class),
+                        exclude_index=args.forget_index)
     out = default_checkpoint(data.name, args.arch, [args.forget_name], retrain_args.get("width"), retrain_args["seed"])
     try:
         previous = load_checkpoint(out) if out.is_file() else None

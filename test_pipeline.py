@@ -197,6 +197,16 @@ def test_retrain_uses_a_complete_retrain_checkpoint_of_the_same_settings(synthet
     assert {k: again[k] for k in ("UA", "RA", "TA")} == {k: trained[k] for k in ("UA", "RA", "TA")}
 
 
+def test_one_base_for_several_seeds_still_gives_each_seed_its_own_retrain(synthetic_dataset, base_checkpoint, tmp_path):
+    dataset, data_dir = synthetic_dataset
+    result = run("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--base", base_checkpoint,
+                 "--forget-class", "1", "--method", "retrain", "--seed", "0", "1", *FAST_BASE, *FAST_UNLEARN, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    retrained = [load_checkpoint(tmp_path / default_checkpoint(dataset, "cnn", ["1"], seed=seed)) for seed in (0, 1)]
+    assert [r["args"]["seed"] for r in retrained] == [0, 1]
+    assert not torch.equal(*(r["state_dict"]["head.weight"] for r in retrained))
+
+
 def test_bench_steps_prints_step_time_ratios(synthetic_dataset, base_checkpoint, tmp_path):
     dataset, data_dir = synthetic_dataset
     result = run("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--base", base_checkpoint, "--arch", "cnn",
@@ -204,7 +214,7 @@ def test_bench_steps_prints_step_time_ratios(synthetic_dataset, base_checkpoint,
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if "ms/step" in line}
     assert set(lines) == {"finetune", "lora", "prunelora"} and "1.00 x finetune" in lines["finetune"]
-    peaks = [float(line.split("MiB peak")[0].split()[-1]) for line in lines.values()]  # each in its own process
+    peaks = [float(line.split("MiB peak")[0].split()[-1]) for line in lines.values()]
     assert all(peak > 0 for peak in peaks)
     assert not (tmp_path / "results").exists()  # a benchmark writes nothing
 
