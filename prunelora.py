@@ -103,12 +103,13 @@ def _check_positive(value, what):
 # stage 1: prune
 
 
-def prune_global(model, amount, exclude=()):
+def prune_global(model, amount, exclude=(), importance=None):
     """Zero the `amount` share of smallest-magnitude weights over all Conv2d/Linear layers together.
 
     Global (not per layer) so that layers with many small weights lose more. Uses
     torch.nn.utils.prune, so each layer gets a weight_mask buffer and a weight_orig parameter.
     Pruning again prunes that share of the weights still left, as torch.nn.utils.prune does.
+    importance: layer -> a tensor of its weight's shape, lowest pruned first (default |weight|).
     Returns the sparsity reached over the pruned weights.
     """
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < 1:
@@ -122,9 +123,10 @@ def prune_global(model, amount, exclude=()):
     wrapped = {id(w.base) for w in model.modules() if isinstance(w, _LoRALayer)}
     # The global threshold by hand rather than prune.global_unstructured, which flattens every weight
     # with .view(-1) and so fails on channels_last weights. The same choice: the round(amount * n)
-    # smallest |w| among the weights not pruned yet, over all layers together (ties as torch.topk breaks them).
+    # lowest scores among the weights not pruned yet, over all layers together (ties as torch.topk breaks them).
     weights = [_effective_weight(m).detach() for m in modules]
-    scores = torch.cat([w.abs().reshape(-1) for w in weights])                    # (n,), any memory layout
+    scores = torch.cat([(w.abs() if importance is None else importance(m).detach()).reshape(-1)
+                        for m, w in zip(modules, weights)])                       # (n,), any memory layout
     alive = torch.cat([(_mask(m) if _mask(m) is not None else torch.ones_like(w)).reshape(-1)
                        for m, w in zip(modules, weights)]).bool()                 # (n,) not pruned before
     candidates = alive.nonzero().squeeze(1)

@@ -118,6 +118,16 @@ def test_prune_global_hits_the_requested_amount(amount):
     assert not hasattr(model[7], "weight_mask")  # the head stays dense
 
 
+def test_prune_global_with_an_importance_prunes_its_lowest_scores_first():
+    """Any score works: here the largest weights go first, the opposite of magnitude pruning."""
+    model = small_net()
+    pruned = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][:-1]
+    magnitudes = torch.cat([m.weight.detach().abs().flatten() for m in pruned])
+    pl.prune_global(model, 0.25, exclude=HEAD, importance=lambda m: -m.weight.abs())
+    kept = torch.cat([m.weight_mask.flatten() for m in pruned])
+    assert magnitudes[~kept].min() >= magnitudes[kept].max()  # every pruned weight is larger than every kept one
+
+
 @pytest.mark.parametrize("amount", [0.3, 0.5, 0.9])
 def test_prune_global_picks_the_weights_torch_global_unstructured_picks(amount):
     from torch.nn.utils import prune
