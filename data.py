@@ -233,6 +233,32 @@ def read_forget_index(path, index):
     return forget.sort().values
 
 
+def forget_tag(forget_classes=(), share=None, index_file=None):
+    """How result and checkpoint names call the forget set: forget3-5, forget-share0.1, forget-index-<hash>."""
+    if forget_classes:
+        return "forget" + "-".join(map(str, forget_classes))
+    if share:
+        return f"forget-share{share:g}"
+    path = Path(index_file)  # a missing file is reported by read_forget_index
+    return f"forget-index-{hashlib.sha1(path.read_bytes()).hexdigest()[:8]}" if path.is_file() else "forget-index"
+
+
+def forget_split(data, index, forget_classes=(), share=None, index_file=None, seed=0):
+    """The forget set among the training images in index: whole classes, a random share (drawn
+    with seed, the same share of every class) or the images a file names. Returns (split,
+    forget_index, forget_name): split holds the train / retain / forget indices; forget_index the
+    forget images as a list for a random sample (None for classes); forget_name names its Retrain
+    checkpoint (the classes, or <n>images-<hash>)."""
+    if forget_classes:
+        forget = index[forget_mask(data.train_labels.cpu()[index], forget_classes)]
+        forget_index, name = None, "-".join(map(str, forget_classes))
+    else:
+        forget = forget_share_index(data, index, share, seed) if share else read_forget_index(index_file, index)
+        forget_index = forget.tolist()
+        name = f"{len(forget)}images-{hashlib.sha1(forget.numpy().tobytes()).hexdigest()[:8]}"
+    return dict(train=index, retain=index[~torch.isin(index, forget)], forget=forget), forget_index, name
+
+
 def forget_mask(labels, forget_classes):
     return torch.isin(labels, torch.tensor(list(forget_classes), dtype=torch.long, device=labels.device))
 

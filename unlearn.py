@@ -12,7 +12,6 @@ and .md, plus each unlearned model, merged, as checkpoints/unlearned/...-<method
 (`hidden`, a reference that is not unlearning, is never saved there).
 """
 import argparse
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -27,8 +26,7 @@ from bench import bench_step_times, inference_time_ratio, print_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
                          fresh_model, model_from_checkpoint, save_checkpoint, save_text)
 from cli import ArgumentParser, UserError, fraction, number, pick_device, positive_float, positive_int, run_cli
-from data import (check_classes, check_dataset_name, forget_mask, forget_share_index, load_dataset,
-                  read_forget_index, training_index)
+from data import check_classes, check_dataset_name, forget_split, forget_tag, load_dataset, training_index
 from depth import add_depth_scores, depth_metrics, separation, separation_table
 from evaluate import gaps_to_retrain, markdown_table, summarize, time_to_target, time_to_target_table, unlearning_metrics
 from models import HEAD, check_arch, to_device
@@ -207,12 +205,14 @@ def setup(args):
         if base.ckpt is not None:
             check_checkpoint_fits(base.ckpt, data, base.path)
     check_classes(args.forget_class, data.num_classes, "--forget-class", must_leave=2)
-    forget = forget_tag(args)
+    forget = forget_tag(args.forget_class, args.forget_share, args.forget_index_file)
     for base in bases:
         width = check_arch(args.arch, base.ckpt.get("width") if base.ckpt is not None else args.width)
         base.tag = f"{default_checkpoint(args.dataset, args.arch, width=width, seed=base.seed).stem}-{forget}"
         train_limit = base.ckpt["args"].get("train_limit") if base.ckpt is not None else args.train_limit
-        base.split = forget_split(data, training_index(data, (), train_limit), args, base)
+        base.split, base.forget_index, base.forget_name = forget_split(
+            data, training_index(data, (), train_limit), args.forget_class, args.forget_share, args.forget_index_file,
+            base.seed)
     if len(bases) == 1:
         name = bases[0].tag
     else:  # one file for all seeds: <dataset>-<arch>[-w<width>]-forget<K>-seeds<S>-<S>...
@@ -231,31 +231,6 @@ def setup(args):
     print(f"forgetting {what} of {data.name}: {len(split['forget'])} forget and {len(split['retain'])} retained "
           f"training images, {args.arch}, on {device}", flush=True)
     return Run(methods, device, data, bases, results)
-
-
-def forget_tag(args):
-    """How result and checkpoint names call the forget set: forget3-5, forget-share0.1, forget-index-<hash>."""
-    if args.forget_class:
-        return "forget" + "-".join(map(str, args.forget_class))
-    if args.forget_share:
-        return f"forget-share{args.forget_share:g}"
-    path = Path(args.forget_index_file)  # a missing file is reported by read_forget_index
-    return f"forget-index-{hashlib.sha1(path.read_bytes()).hexdigest()[:8]}" if path.is_file() else "forget-index"
-
-
-def forget_split(data, index, args, base):
-    """train / retain / forget indices of one seed's run (index: the training images it uses), and on
-    base the forget set's names. The forget set: whole classes, a random share (drawn with the
-    seed, the same share of every class) or the images a file names."""
-    if args.forget_class:
-        forget = index[forget_mask(data.train_labels.cpu()[index], args.forget_class)]
-        base.forget_name = "-".join(map(str, args.forget_class))
-    else:
-        forget = (forget_share_index(data, index, args.forget_share, base.seed) if args.forget_share
-                  else read_forget_index(args.forget_index_file, index))
-        base.forget_index = forget.tolist()
-        base.forget_name = f"{len(forget)}images-{hashlib.sha1(forget.numpy().tobytes()).hexdigest()[:8]}"
-    return dict(train=index, retain=index[~torch.isin(index, forget)], forget=forget)
 
 
 def method_runs(methods, epochs):
