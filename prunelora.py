@@ -141,6 +141,17 @@ def prune_global(model, amount, exclude=(), importance=None):
     return int((~keep).sum()) / len(keep)
 
 
+def saliency(model, loss, exclude=()):
+    """|w * d loss / dw| of every Conv2d/Linear weight not in exclude, as {layer: tensor of its weight's
+    shape}: a first-order estimate of how much the loss would change were that weight zeroed. With
+    the loss on forget images, prune_global(..., importance=lambda m: -scores[m]) first prunes the
+    weights the forget set leans on most. No .grad is left behind."""
+    layers = [m for _, m in _layers(model, exclude)]
+    weights = [m.weight_orig if _mask(m) is not None else m.weight for m in layers]
+    grads = torch.autograd.grad(loss, weights, allow_unused=True)
+    return {m: torch.zeros_like(w) if g is None else (w * g).detach().abs() for m, w, g in zip(layers, weights, grads)}
+
+
 def sparsity(model):
     """Share of exact zeros over the effective weights of all Conv2d/Linear layers (not the LoRA factors)."""
     weights = [_effective_weight(m) for _, m in _layers(model)]

@@ -233,7 +233,7 @@ def test_unlearn_as_functions_forgets_several_classes(synthetic_dataset, base_ch
     data = load_dataset(dataset, data_dir)
     base = load_checkpoint(base_checkpoint, dataset, "cnn")
     args = argparse.Namespace(forget_class=[0, 3], prune_amount=0.5, rank=4, alpha=8, lora_dropout=0.0, lr=1e-3,
-                              lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=0,
+                              lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=0, salient_prune=0.0,
                               epochs=3, batch_size=32, seed=0, base_ckpt=base, arch="cnn")
     index = training_index(data)
     forget = torch.isin(data.train_labels, torch.tensor(args.forget_class))
@@ -241,6 +241,22 @@ def test_unlearn_as_functions_forgets_several_classes(synthetic_dataset, base_ch
     model, row = unlearn.run_method("prunelora", base, data, split, args, torch.device("cpu"))
     assert row["RA"] >= 90 and row["UA"] >= 90  # on this easy data both are reached in 3 epochs
     assert row["sparsity"] == pytest.approx(pl.sparsity(model)) and row["sparsity"] > 0.45
+
+
+def test_salient_prune_first_prunes_what_the_forget_images_lean_on(synthetic_dataset, base_checkpoint):
+    dataset, data_dir = synthetic_dataset
+    data = load_dataset(dataset, data_dir)
+    base = load_checkpoint(base_checkpoint, dataset, "cnn")
+    index = training_index(data)
+    forget = data.train_labels == 1
+    split = dict(train=index, retain=index[~forget], forget=index[forget])
+    args = argparse.Namespace(forget_class=[1], prune_amount=0.5, salient_prune=0.1, seed=0)
+    model = build_model("cnn", 3, data.num_classes)
+    model.load_state_dict(base["state_dict"])
+    before = unlearning_metrics(model, data, [1], index)["forget_test_acc"]
+    unlearn.prune_forget_salient(model, data, split["forget"], args)
+    assert pl.sparsity(model) == pytest.approx(0.1, abs=0.01)  # the head (not pruned) is counted in the total
+    assert unlearning_metrics(model, data, [1], index)["forget_test_acc"] < before  # the class's weights went first
 
 
 @pytest.mark.parametrize("method", ["prunelora", "lora"])
@@ -255,7 +271,7 @@ def test_freeze_bn_keeps_the_merged_batchnorm_buffers_the_base_s_bit_for_bit(met
     for freeze in (1, 0):
         args = argparse.Namespace(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lora_dropout=0.1, lr=1e-3,
                                   lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=freeze,
-                                  epochs=1, batch_size=32, seed=0, base_ckpt=base, arch="cnn")
+                                  salient_prune=0.0, epochs=1, batch_size=32, seed=0, base_ckpt=base, arch="cnn")
         model, _ = unlearn.run_method(method, base, data, split, args, torch.device("cpu"))
         buffers[freeze] = {k: v for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
     assert buffers[1] and all(torch.equal(v, base["state_dict"][k]) for k, v in buffers[1].items())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import prunelora as pl
 from baselines import (finetune_on, reset_forget_rows, unlearn_finetune, unlearn_ga, unlearn_hidden, unlearn_lora,
@@ -25,8 +26,9 @@ from baselines import (finetune_on, reset_forget_rows, unlearn_finetune, unlearn
 from bench import bench_step_times, inference_time_ratio, print_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
                          fresh_model, model_from_checkpoint, save_checkpoint, save_text)
-from cli import ArgumentParser, UserError, fraction, number, pick_device, positive_float, positive_int, run_cli
-from data import check_classes, check_dataset_name, forget_split, forget_tag, load_dataset, training_index
+from cli import ArgumentParser, UserError, autocast, fraction, number, pick_device, positive_float, positive_int, run_cli
+from data import (check_classes, check_dataset_name, forget_split, forget_tag, load_dataset, make_batch,
+                  training_index)
 from depth import add_depth_scores, depth_metrics, separation, separation_table
 from evaluate import gaps_to_retrain, markdown_table, summarize, time_to_target, time_to_target_table, unlearning_metrics
 from models import HEAD, check_arch, to_device
@@ -42,9 +44,23 @@ share = number(float, "between 0 and 1, both excluded", lambda v: 0 < v < 1)
 # where facts holds trainable_params and, for Retrain, the seconds its training took (baselines.py)
 
 
+def prune_forget_salient(model, data, forget, args, images=512):
+    """--salient-prune Q: prune the share Q of weights the forget images' loss leans on most (highest
+    |w * dL/dw| over up to `images` of them, drawn with the seed), a variant aimed at deeper forgetting."""
+    device = data.train_images.device
+    batch = forget[torch.randperm(len(forget), generator=torch.Generator().manual_seed(args.seed))[:images]].to(device)
+    model.eval()  # BatchNorm with the base's statistics, none of them updated
+    with autocast(device):
+        loss = F.cross_entropy(model(make_batch(data, data.train_images, batch)).float(), data.train_labels[batch])
+    scores = pl.saliency(model, loss, exclude=HEAD)
+    pl.prune_global(model, args.salient_prune, exclude=HEAD, importance=lambda layer: -scores[layer])
+
+
 def unlearn_prunelora(model, data, split, args):
     """PruneLoRA: prune the base, adapt it with LoRA on the frozen, pruned weights, unlearn by training
     only the low-rank factors and the head on the retained images, then merge (sparsity kept)."""
+    if args.salient_prune:  # before the head's forget rows are reset: the saliency is the base model's
+        prune_forget_salient(model, data, split["forget"], args)
     reset_forget_rows(model, args)
     pl.prune_global(model, args.prune_amount, exclude=HEAD)                                      # 1. prune
     pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)   # 2. adapt
@@ -113,6 +129,9 @@ def parse_args():
     parser.add_argument("--lora-lr", type=positive_float, default=3e-3,
                         help="Adam learning rate of prunelora and lora (few parameters take larger steps)")
     parser.add_argument("--prune-amount", type=fraction, default=0.5, help="share of weights pruned, in [0, 1)")
+    parser.add_argument("--salient-prune", type=fraction, default=0.0, metavar="Q",
+                        help="prunelora only: first prune the share Q of weights the forget images' loss leans on "
+                        "most (|w * dL/dw|), then --prune-amount of the rest by magnitude (default 0: off)")
     parser.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
     parser.add_argument("--alpha", type=positive_float, default=16, help="LoRA alpha; scaling = alpha / r")
     parser.add_argument("--lora-dropout", type=fraction, default=0.1, help="dropout on the LoRA input")
