@@ -243,30 +243,29 @@ def test_unlearn_as_functions_forgets_several_classes(synthetic_dataset, base_ch
     assert row["sparsity"] == pytest.approx(pl.sparsity(model)) and row["sparsity"] > 0.45
 
 
-def test_salient_prune_first_prunes_what_the_forget_images_lean_on(synthetic_dataset, base_checkpoint):
+def forget_class_1(synthetic_dataset, base_checkpoint):
+    """The synthetic data, the base checkpoint, and the split that forgets class 1."""
     dataset, data_dir = synthetic_dataset
     data = load_dataset(dataset, data_dir)
-    base = load_checkpoint(base_checkpoint, dataset, "cnn")
     index = training_index(data)
     forget = data.train_labels == 1
-    split = dict(train=index, retain=index[~forget], forget=index[forget])
+    return data, load_checkpoint(base_checkpoint, dataset, "cnn"), dict(train=index, retain=index[~forget], forget=index[forget])
+
+
+def test_salient_prune_first_prunes_what_the_forget_images_lean_on(synthetic_dataset, base_checkpoint):
+    data, base, split = forget_class_1(synthetic_dataset, base_checkpoint)
     args = argparse.Namespace(forget_class=[1], prune_amount=0.5, salient_prune=0.1, seed=0)
     model = build_model("cnn", 3, data.num_classes)
     model.load_state_dict(base["state_dict"])
-    before = unlearning_metrics(model, data, [1], index)["forget_test_acc"]
+    before = unlearning_metrics(model, data, [1], split["train"])["forget_test_acc"]
     unlearn.prune_forget_salient(model, data, split["forget"], args)
     assert pl.sparsity(model) == pytest.approx(0.1, abs=0.01)  # the head (not pruned) is counted in the total
-    assert unlearning_metrics(model, data, [1], index)["forget_test_acc"] < before  # the class's weights went first
+    assert unlearning_metrics(model, data, [1], split["train"])["forget_test_acc"] < before  # the class's weights went first
 
 
 @pytest.mark.parametrize("method", ["prunelora", "lora"])
 def test_freeze_bn_keeps_the_merged_batchnorm_buffers_the_base_s_bit_for_bit(method, synthetic_dataset, base_checkpoint):
-    dataset, data_dir = synthetic_dataset
-    data = load_dataset(dataset, data_dir)
-    base = load_checkpoint(base_checkpoint, dataset, "cnn")
-    index = training_index(data)
-    forget = data.train_labels == 1
-    split = dict(train=index, retain=index[~forget], forget=index[forget])
+    data, base, split = forget_class_1(synthetic_dataset, base_checkpoint)
     buffers = {}
     for freeze in (1, 0):
         args = argparse.Namespace(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lora_dropout=0.1, lr=1e-3,
