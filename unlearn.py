@@ -274,8 +274,9 @@ def run_methods(run, base, args):
         model, rows[name] = run_method(method, base.ckpt, data, split, method_args, device, base_model)
         rows[name]["inference_time_ratio"] = inference_time_ratio(model, base_model, data)
         if method not in NOT_UNLEARNED:
-            save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base.ckpt["args"], method=method, epochs=epochs,
-                                            forget_class=args.forget_class, forget_index=args.forget_index),
+            save_checkpoint(checkpoint_dict(model, data, args.arch, dict(base.ckpt["args"], method=method,
+                                            unlearn_epochs=epochs, forget_class=args.forget_class,
+                                            forget_index=args.forget_index),
                                             width=base.ckpt.get("width"),
                                             metrics=rows[name]),
                             Path("checkpoints/unlearned") / f"{base.tag}-{name.replace('@', '-')}.pt")
