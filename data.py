@@ -174,7 +174,7 @@ def training_index(data, exclude_classes=(), train_limit=None, exclude_index=())
     and without the excluded images (indices into the whole training set)."""
     index = torch.arange(len(data.train_labels))
     if train_limit:
-        index = balanced_subset(data.train_labels, train_limit, data.num_classes)
+        index = balanced_subset(data.train_labels.cpu(), train_limit, data.num_classes)  # index lives on the CPU
     keep = ~torch.isin(data.train_labels.cpu()[index], torch.tensor(list(exclude_classes), dtype=torch.long))
     keep &= ~torch.isin(index, torch.as_tensor(list(exclude_index), dtype=torch.long))
     return index[keep]

@@ -95,6 +95,12 @@ def _like(template, tensor):
     return tensor if tensor.stride() == template.stride() else torch.empty_like(template).copy_(tensor)
 
 
+def _made_like(layer):
+    """Factory arguments that make new parameters on layer's device, in its dtype (a model on a GPU gets its factors there)."""
+    weight = layer.weight_orig if _mask(layer) is not None else layer.weight
+    return dict(device=weight.device, dtype=weight.dtype)
+
+
 def _check_positive(value, what):
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
         raise ValueError(f"{what} must be a positive number, got {value!r}")
@@ -217,8 +223,8 @@ class LoRAConv2d(_LoRALayer):
                                       "exclude grouped/depthwise convs from add_lora")
         super().__init__(base, r, alpha, dropout)
         self.lora_A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                                base.dilation, bias=False, padding_mode=base.padding_mode)
-        self.lora_B = nn.Conv2d(r, base.out_channels, 1, bias=False)
+                                base.dilation, bias=False, padding_mode=base.padding_mode, **_made_like(base))
+        self.lora_B = nn.Conv2d(r, base.out_channels, 1, bias=False, **_made_like(base))
         self.reset_factors()
 
     def _layer(self, x, weight, bias):
@@ -230,8 +236,8 @@ class LoRALinear(_LoRALayer):
 
     def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__(base, r, alpha, dropout)
-        self.lora_A = nn.Linear(base.in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **_made_like(base))
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **_made_like(base))
         self.reset_factors()
 
     def _layer(self, x, weight, bias):

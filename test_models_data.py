@@ -133,3 +133,12 @@ def test_a_forget_index_file_is_read_sorted(tmp_path):
     path.write_text("\n".join(map(str, range(10))))
     with pytest.raises(cli.UserError, match="every training image"):
         data.read_forget_index(path, torch.arange(10))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_which_training_images_a_run_uses_does_not_depend_on_the_device():
+    labels = torch.arange(40) % 4
+    images = torch.zeros(40, 1, 2, 2, dtype=torch.uint8)
+    ds = data.Data("tiny", list("abcd"), images, labels, images, labels, torch.zeros(1), torch.ones(1), False)
+    on_cpu = data.training_index(ds, (1,), train_limit=20)
+    assert torch.equal(data.training_index(ds.to("cuda"), (1,), train_limit=20), on_cpu)

@@ -339,6 +339,26 @@ def test_bad_arguments_raise_value_error_naming_the_value(call, message):
     assert model.state_dict().keys() == state.keys()  # nothing half-done
 
 # -----------------------------------------------------------------------------
+# devices and dtypes
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_factors_are_made_where_the_base_lives_in_its_dtype(device):
+    """unlearn.py prunes and wraps a model already on the GPU: A and B must be made there too
+    (in float64 here, so a float32 factor fails on the CPU as well)."""
+    model = small_net().to(device, torch.float64)
+    pl.prune_global(model, 0.5, exclude=HEAD)
+    pl.add_lora(model, r=2, alpha=4, dropout=0.1, exclude=HEAD)
+    pl.mark_only_lora_trainable(model, keep=HEAD)
+    factors = [p for name, p in model.named_parameters() if "lora_" in name]
+    assert factors and all(p.device.type == device and p.dtype == torch.float64 for p in factors)
+    model.train()
+    model(x.to(device, torch.float64)).sum().backward()  # the dropout path: base and masked update
+    assert all(p.grad is not None for p in factors)
+
+# -----------------------------------------------------------------------------
 # CUDA
 
 
