@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import prunelora as pl
 from checkpoints import default_checkpoint, load_checkpoint
-from cli import UserError
+from cli import UserError, autocast
+from data import make_batch
 from depth import hide_classes
 from models import HEAD
 from train import RUN_KEYS, fit, train, warmup_cosine
@@ -46,14 +47,43 @@ def reset_forget_rows(model, args):
         head.bias[rows] = fresh.bias[rows]
 
 # -----------------------------------------------------------------------------
+# a PruneLoRA variant: prune first what the forget images lean on (--salient-prune)
+
+
+def saliency(model, loss):
+    """|w * dL/dw| of every Conv2d/Linear weight outside the head, {layer: scores}: a first-order estimate
+    of how much the loss would change were that weight zeroed. Leaves no .grad behind."""
+    layers = [m for name, m in model.named_modules() if isinstance(m, pl.PRUNABLE) and name not in HEAD]
+    grads = torch.autograd.grad(loss, [m.weight for m in layers])
+    return {m: (m.weight * g).detach().abs() for m, g in zip(layers, grads)}
+
+
+def prune_forget_salient(model, data, forget, args, images=512):
+    """--salient-prune Q: prune the share Q of weights the forget images' loss leans on most (highest
+    |w * dL/dw| over up to `images` of them, drawn with the seed), a variant aimed at deeper forgetting."""
+    device = data.train_images.device
+    batch = forget[torch.randperm(len(forget), generator=torch.Generator().manual_seed(args.seed))[:images]].to(device)
+    model.eval()  # BatchNorm with the base's statistics, none of them updated
+    with autocast(device):
+        loss = F.cross_entropy(model(make_batch(data, data.train_images, batch)).float(), data.train_labels[batch])
+    scores = saliency(model, loss)
+    pl.prune_global(model, args.salient_prune, exclude=HEAD, importance=lambda layer: -scores[layer])
+
+# -----------------------------------------------------------------------------
 # the baselines
+
+
+def adapt(model, args):
+    """Stage 2 of PruneLoRA (and all of LoRA's setup): LoRA around every Conv2d/Linear but the head,
+    which trains in full; everything else frozen. Returns the trainable parameter count."""
+    pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)
+    return pl.mark_only_lora_trainable(model, keep=HEAD)
 
 
 def unlearn_lora(model, data, split, args):
     """LoRA alone: no pruning."""
     reset_forget_rows(model, args)
-    pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)
-    pl.mark_only_lora_trainable(model, keep=HEAD)
+    adapt(model, args)
     facts = finetune_on(model, data, split["retain"], args, lr=args.lora_lr, freeze_bn=args.freeze_bn)
     return pl.merge_lora(model), facts
 

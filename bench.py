@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import prunelora as pl
+from baselines import adapt
 from checkpoints import fresh_model
 from cli import autocast
 from data import make_batch, predict
@@ -38,22 +39,21 @@ def inference_time_ratio(model, reference, data, rounds=15, batch_size=256):
     return min(times["model"][1:]) / min(times["reference"][1:])  # [1:]: the first round warms up
 
 
-def _prepare(name, model, settings):
-    """finetune: the model as it is; lora: LoRA on the dense base; prunelora: pruned, then LoRA."""
-    if name == "finetune":
-        return
+def _prepare(name, model, args):
+    """The setup each method's unlearning does: finetune the model as it is; lora: LoRA on the
+    dense base; prunelora: pruned, then LoRA."""
     if name == "prunelora":
-        pl.prune_global(model, settings["prune_amount"], exclude=HEAD)
-    pl.add_lora(model, settings["rank"], settings["alpha"], settings["lora_dropout"], exclude=HEAD)
-    pl.mark_only_lora_trainable(model, keep=HEAD)
+        pl.prune_global(model, args.prune_amount, exclude=HEAD)
+    if name != "finetune":
+        adapt(model, args)
 
 
-def time_steps(name, base, x, y, settings, steps):
+def time_steps(name, base, x, y, args, steps):
     """`name`'s model built on the base checkpoint, then steps + 3 Adam steps on the batch (x, y):
     (seconds of each step, trainable parameter count)."""
     device = x.device
     model = fresh_model(base, device)
-    _prepare(name, model, settings)
+    _prepare(name, model, args)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-9)  # a tiny step: the timing, not the weights, matters
     times = []
@@ -70,7 +70,7 @@ def time_steps(name, base, x, y, settings, steps):
     return times, sum(p.numel() for p in params)
 
 
-def peak_memory_mb(name, base, x, y, settings):
+def peak_memory_mb(name, base, x, y, args):
     """Peak tensor memory (MiB) from building `name`'s model on the base checkpoint through 3 Adam
     steps: the model's copy, masks, LoRA factors, gradients, optimizer state and activations. On
     the CPU, where no allocator keeps count, it is the highest point of the running sum of the
@@ -78,8 +78,12 @@ def peak_memory_mb(name, base, x, y, settings):
     library code paged in and memory freed earlier but kept by malloc."""
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" line on a machine without a GPU
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        time_steps(name, base, x, y, settings, steps=0)
-    records = sorted((r.start_ns(), r.nbytes()) for r in prof.profiler.kineto_results.events() if r.name() == "[memory]")
+        time_steps(name, base, x, y, args, steps=0)
+    try:  # kineto_results is not public API: where a torch release lacks it, no CPU figure rather than a crash
+        events = prof.profiler.kineto_results.events()
+    except AttributeError:
+        return None
+    records = sorted((r.start_ns(), r.nbytes()) for r in events if r.name() == "[memory]")
     total = peak = 0
     for _, nbytes in records:
         total += nbytes
@@ -94,16 +98,15 @@ def bench_step_times(base, data, split, args, device, steps, memory=False):
     max_memory_allocated; peak_memory_mb on the CPU)."""
     batch = split["retain"][:args.batch_size].to(device)
     x, y = make_batch(data, data.train_images, batch), data.train_labels[batch]
-    settings = {key: getattr(args, key) for key in ("rank", "alpha", "lora_dropout", "prune_amount")}
     rows = {}
     for name in ("finetune", "lora", "prunelora"):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             held = torch.cuda.memory_allocated()  # the dataset and the batch: not the setup's
-        times, trainable = time_steps(name, base, x, y, settings, steps)
+        times, trainable = time_steps(name, base, x, y, args, steps)
         peak = ((torch.cuda.max_memory_allocated() - held) / 2**20 if device.type == "cuda" else
-                peak_memory_mb(name, base, x, y, settings) if memory else None)  # a separate run: profiling slows steps
+                peak_memory_mb(name, base, x, y, args) if memory else None)  # a separate run: profiling slows steps
         rows[name] = dict(step_ms=1000 * min(times[3:]), trainable_params=trainable)
         if peak is not None:
             rows[name]["peak_memory_mb"] = peak

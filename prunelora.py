@@ -67,6 +67,11 @@ def _mask(layer):
     return getattr(layer, "weight_mask", None)  # set by torch.nn.utils.prune, else None
 
 
+def _weight(layer):
+    """The layer's own weight parameter: weight_orig once pruned (the mask multiplies it), else weight."""
+    return layer.weight_orig if _mask(layer) is not None else layer.weight
+
+
 def _effective_weight(layer):
     # after pruning, layer.weight is only refreshed by a forward pass; weight_orig * mask is always current
     mask = _mask(layer)
@@ -95,15 +100,9 @@ def _like(template, tensor):
     return tensor if tensor.stride() == template.stride() else torch.empty_like(template).copy_(tensor)
 
 
-def _made_like(layer):
-    """Factory arguments that make new parameters on layer's device, in its dtype (a model on a GPU gets its factors there)."""
-    weight = layer.weight_orig if _mask(layer) is not None else layer.weight
-    return dict(device=weight.device, dtype=weight.dtype)
+def _made_like(layer):  # factory arguments: new parameters on the layer's device (a GPU), in its dtype
+    return dict(device=_weight(layer).device, dtype=_weight(layer).dtype)
 
-
-def _check_positive(value, what):
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"{what} must be a positive number, got {value!r}")
 
 # -----------------------------------------------------------------------------
 # stage 1: prune
@@ -147,17 +146,6 @@ def prune_global(model, amount, exclude=(), importance=None):
     return int((~keep).sum()) / len(keep)
 
 
-def saliency(model, loss, exclude=()):
-    """|w * d loss / dw| of every Conv2d/Linear weight not in exclude, as {layer: tensor of its weight's
-    shape}: a first-order estimate of how much the loss would change were that weight zeroed. With
-    the loss on forget images, prune_global(..., importance=lambda m: -scores[m]) first prunes the
-    weights the forget set leans on most. No .grad is left behind."""
-    layers = [m for _, m in _layers(model, exclude)]
-    weights = [m.weight_orig if _mask(m) is not None else m.weight for m in layers]
-    grads = torch.autograd.grad(loss, weights, allow_unused=True)
-    return {m: torch.zeros_like(w) if g is None else (w * g).detach().abs() for m, w, g in zip(layers, weights, grads)}
-
-
 def sparsity(model):
     """Share of exact zeros over the effective weights of all Conv2d/Linear layers (not the LoRA factors)."""
     weights = [_effective_weight(m) for _, m in _layers(model)]
@@ -175,7 +163,8 @@ class _LoRALayer(nn.Module):
         super().__init__()
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
-        _check_positive(alpha, "alpha")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.base, self.r, self.scaling = base, r, alpha / r
@@ -190,7 +179,7 @@ class _LoRALayer(nn.Module):
 
     def delta_weight(self):
         """scaling * B @ A, in the shape of the base weight (the mask is not applied here)."""
-        shape = self.base.weight_orig.shape if _mask(self.base) is not None else self.base.weight.shape
+        shape = _weight(self.base).shape
         B = self.lora_B.weight.reshape(self.lora_B.weight.shape[0], self.r)  # (out, r)
         A = self.lora_A.weight.reshape(self.r, -1)                          # (r, in * kh * kw)
         return (self.scaling * (B @ A)).reshape(shape)
@@ -301,7 +290,7 @@ def lora_state_dict(model, keep=()):
 
 def _set_plain_weight(layer, weight):
     """One plain weight parameter holding `weight`, in the memory layout of the layer's own weight."""
-    weight = _like(layer.weight_orig if _mask(layer) is not None else layer.weight, weight.detach())
+    weight = _like(_weight(layer), weight.detach())
     if _mask(layer) is not None:
         prune.remove(layer, "weight")  # weight_orig/mask -> one plain parameter
     layer.weight.data = weight

@@ -1,5 +1,6 @@
 """End-to-end tests of train.py, unlearn.py and evaluate.py on a tiny synthetic folder dataset."""
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import prunelora as pl
+import baselines
 import unlearn
 from checkpoints import default_checkpoint, load_checkpoint
 from cli import UserError
@@ -76,6 +78,22 @@ def test_metrics_of_a_model_that_predicts_one_class():
 
 # -----------------------------------------------------------------------------
 # the scripts, end to end
+
+
+def test_saliency_is_weight_times_gradient_and_prunes_what_the_loss_leans_on():
+    torch.manual_seed(0)
+    model, x = build_model("cnn", 3, 4), torch.randn(8, 3, 32, 32)
+    loss = lambda: model(x)[:, 0].sum()
+    scores = baselines.saliency(model, loss())
+    assert all(p.grad is None for p in model.parameters())  # torch.autograd.grad, not backward
+    loss().backward()
+    assert model.head not in scores and len(scores) == len(pl._layers(model, exclude=("head",)))
+    for m, score in scores.items():
+        assert torch.allclose(score, (m.weight * m.weight.grad).abs())
+    before, small = loss().item(), copy.deepcopy(model)
+    pl.prune_global(model, 0.05, exclude=("head",), importance=lambda m: -scores[m])  # the most salient 5% first
+    pl.prune_global(small, 0.05, exclude=("head",))                                    # the smallest 5%
+    assert abs(loss().item() - before) > abs(small(x)[:, 0].sum().item() - before)
 
 
 def test_unlearn_all_methods_from_the_command_line(synthetic_dataset, base_checkpoint, tmp_path):

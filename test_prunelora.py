@@ -128,20 +128,6 @@ def test_prune_global_with_an_importance_prunes_its_lowest_scores_first():
     assert magnitudes[~kept].min() >= magnitudes[kept].max()  # every pruned weight is larger than every kept one
 
 
-def test_saliency_is_weight_times_gradient_and_prunes_what_the_loss_leans_on():
-    model = small_net()
-    loss = lambda: model(x)[:, 0].sum()
-    scores = pl.saliency(model, loss(), exclude=HEAD)
-    assert all(p.grad is None for p in model.parameters())
-    loss().backward()
-    for m in (model[0], model[2], model[5]):
-        assert torch.allclose(scores[m], (m.weight * m.weight.grad).abs())
-    before, small = loss().item(), copy.deepcopy(model)
-    pl.prune_global(model, 0.05, exclude=HEAD, importance=lambda m: -scores[m])  # the most salient 5% first
-    pl.prune_global(small, 0.05, exclude=HEAD)                                    # the smallest 5%
-    assert abs(loss().item() - before) > abs(small(x)[:, 0].sum().item() - before)
-
-
 @pytest.mark.parametrize("amount", [0.3, 0.5, 0.9])
 def test_prune_global_picks_the_weights_torch_global_unstructured_picks(amount):
     from torch.nn.utils import prune

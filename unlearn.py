@@ -18,17 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import prunelora as pl
-from baselines import (finetune_on, reset_forget_rows, unlearn_finetune, unlearn_ga, unlearn_hidden, unlearn_lora,
-                       unlearn_prune_finetune, unlearn_retrain, unlearn_rl)
+from baselines import (adapt, finetune_on, prune_forget_salient, reset_forget_rows, unlearn_finetune, unlearn_ga,
+                       unlearn_hidden, unlearn_lora, unlearn_prune_finetune, unlearn_retrain, unlearn_rl)
 from bench import bench_step_times, inference_time_ratio, print_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
                          fresh_model, model_from_checkpoint, save_checkpoint, save_text)
-from cli import ArgumentParser, UserError, autocast, fraction, number, pick_device, positive_float, positive_int, run_cli
-from data import (check_classes, check_dataset_name, forget_split, forget_tag, load_dataset, make_batch,
-                  training_index)
+from cli import ArgumentParser, UserError, fraction, number, pick_device, positive_float, positive_int, run_cli
+from data import check_classes, check_dataset_name, forget_split, forget_tag, load_dataset, training_index
 from depth import add_depth_scores, depth_metrics, separation, separation_table
 from evaluate import gaps_to_retrain, markdown_table, summarize, time_to_target, time_to_target_table, unlearning_metrics
 from models import HEAD, check_arch, to_device
@@ -44,18 +42,6 @@ share = number(float, "between 0 and 1, both excluded", lambda v: 0 < v < 1)
 # where facts holds trainable_params and, for Retrain, the seconds its training took (baselines.py)
 
 
-def prune_forget_salient(model, data, forget, args, images=512):
-    """--salient-prune Q: prune the share Q of weights the forget images' loss leans on most (highest
-    |w * dL/dw| over up to `images` of them, drawn with the seed), a variant aimed at deeper forgetting."""
-    device = data.train_images.device
-    batch = forget[torch.randperm(len(forget), generator=torch.Generator().manual_seed(args.seed))[:images]].to(device)
-    model.eval()  # BatchNorm with the base's statistics, none of them updated
-    with autocast(device):
-        loss = F.cross_entropy(model(make_batch(data, data.train_images, batch)).float(), data.train_labels[batch])
-    scores = pl.saliency(model, loss, exclude=HEAD)
-    pl.prune_global(model, args.salient_prune, exclude=HEAD, importance=lambda layer: -scores[layer])
-
-
 def unlearn_prunelora(model, data, split, args):
     """PruneLoRA: prune the base, adapt it with LoRA on the frozen, pruned weights, unlearn by training
     only the low-rank factors and the head on the retained images, then merge (sparsity kept)."""
@@ -63,8 +49,7 @@ def unlearn_prunelora(model, data, split, args):
         prune_forget_salient(model, data, split["forget"], args)
     reset_forget_rows(model, args)
     pl.prune_global(model, args.prune_amount, exclude=HEAD)                                      # 1. prune
-    pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)   # 2. adapt
-    pl.mark_only_lora_trainable(model, keep=HEAD)
+    adapt(model, args)                                                                           # 2. adapt
     facts = finetune_on(model, data, split["retain"], args, lr=args.lora_lr, freeze_bn=args.freeze_bn)  # 3. unlearn
     return pl.merge_lora(model), facts
 
