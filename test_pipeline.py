@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import prunelora as pl
 import baselines
+import prunelora as pl
 import unlearn
 from checkpoints import default_checkpoint, load_checkpoint
 from cli import UserError
