@@ -53,7 +53,7 @@ def reset_forget_rows(model, args):
 def saliency(model, loss):
     """|w * dL/dw| of every Conv2d/Linear weight outside the head, {layer: scores}: a first-order estimate
     of how much the loss would change were that weight zeroed. Leaves no .grad behind."""
-    layers = [m for name, m in model.named_modules() if isinstance(m, pl.PRUNABLE) and name not in HEAD]
+    layers = [m for _, m in pl._layers(model, HEAD)]  # the layers prune_global(..., exclude=HEAD) scores
     grads = torch.autograd.grad(loss, [m.weight for m in layers])
     return {m: (m.weight * g).detach().abs() for m, g in zip(layers, grads)}
 

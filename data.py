@@ -172,10 +172,9 @@ def check_classes(classes, num_classes, flag, must_leave=0):
 def training_index(data, exclude_classes=(), train_limit=None, exclude_index=()):
     """Which training images a run uses: the balanced --train-limit subset, without excluded classes
     and without the excluded images (indices into the whole training set)."""
-    index = torch.arange(len(data.train_labels))
-    if train_limit:
-        index = balanced_subset(data.train_labels.cpu(), train_limit, data.num_classes)  # index lives on the CPU
-    keep = ~torch.isin(data.train_labels.cpu()[index], torch.tensor(list(exclude_classes), dtype=torch.long))
+    labels = data.train_labels.cpu()  # the index lives on the CPU, wherever the data is
+    index = balanced_subset(labels, train_limit, data.num_classes) if train_limit else torch.arange(len(labels))
+    keep = ~torch.isin(labels[index], torch.tensor(list(exclude_classes), dtype=torch.long))
     keep &= ~torch.isin(index, torch.as_tensor(list(exclude_index), dtype=torch.long))
     return index[keep]
 

@@ -276,7 +276,7 @@ def test_salient_prune_first_prunes_what_the_forget_images_lean_on(synthetic_dat
     model = build_model("cnn", 3, data.num_classes)
     model.load_state_dict(base["state_dict"])
     before = unlearning_metrics(model, data, [1], split["train"])["forget_test_acc"]
-    unlearn.prune_forget_salient(model, data, split["forget"], args)
+    baselines.prune_forget_salient(model, data, split["forget"], args)
     assert pl.sparsity(model) == pytest.approx(0.1, abs=0.01)  # the head (not pruned) is counted in the total
     assert unlearning_metrics(model, data, [1], split["train"])["forget_test_acc"] < before  # the class's weights went first
 
