@@ -3,28 +3,19 @@
 Reference implementation of "LoRA Unlearns More and Retains More" (arXiv 2411.11907),
 in plain PyTorch (this file imports torch and the standard library only: copy it).
 
-The three stages:
-  1. prune   prune_global(): global L1 magnitude pruning of every Conv2d/Linear weight.
-             Much of what the model memorised about any one class lives in small weights.
-  2. adapt   add_lora(): wrap each pruned layer in a LoRA adapter, W_eff = M * (W + s * B @ A),
-             with W frozen, M the pruning mask, s = alpha / r. Only A and B (and the head) train,
-             and the mask keeps every pruned zero at zero, in training and after the merge.
-  3. unlearn fine-tune the factors and the head on the retained classes only, then merge_lora()
+  1. prune   prune_global(): global magnitude pruning of every Conv2d/Linear weight.
+  2. adapt   add_lora(): wrap each pruned layer so that W_eff = M * (W + s * B @ A), W frozen,
+             M the pruning mask, s = alpha / r. Only A, B (and the head) train; the mask keeps
+             every pruned zero at zero, in training and after the merge.
+  3. unlearn fine-tune the factors and the head on the retained classes only; merge_lora() then
              folds the update back in: a plain, sparse model with the original state_dict keys.
-
-Usage on any model with Conv2d/Linear layers and a classifier called "head":
 
     import prunelora as pl
     pl.prune_global(model, amount=0.5, exclude=("head",))            # 1. prune
     pl.add_lora(model, r=8, alpha=16, exclude=("head",))              # 2. adapt
     pl.mark_only_lora_trainable(model, keep=("head",))
-    model.train(); pl.freeze_batchnorm(model)                         # optional: BatchNorm statistics kept
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for images, labels in retain_loader:                              # 3. unlearn
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(); loss.backward(); optimizer.step()
-    model = pl.merge_lora(model)          # plain layers again, sparsity kept
-    torch.save(model.state_dict(), "unlearned.pt")
+    ...train on retained data only, calling pl.freeze_batchnorm(model) after model.train()...  # 3.
+    model = pl.merge_lora(model)                                      # plain layers, sparsity kept
 """
 import math
 
@@ -80,23 +71,19 @@ def _effective_weight(layer):
 
 def _detach_pruned_weight(layer, wrapped=False):
     # prune leaves layer.weight = weight_orig * mask with a grad_fn, which copy.deepcopy refuses;
-    # the pruning hook recomputes it at every forward anyway. In a LoRA wrapper it is not used at
-    # all (the wrapper builds M * (W + s B A) itself), so there the weight-sized copy is dropped.
-    if _mask(layer) is None:
-        return
-    if wrapped:
-        if "weight" in layer.__dict__:
-            del layer.weight
-    else:
+    # its hook recomputes it at every forward anyway. A LoRA wrapper never reads it (it builds
+    # M * (W + s B A) itself), so there the weight-sized copy is dropped.
+    if _mask(layer) is not None and wrapped:
+        layer.__dict__.pop("weight", None)
+    elif _mask(layer) is not None:
         with torch.no_grad():
             layer.weight = layer.weight_orig * layer.weight_mask
 
 
 def _like(template, tensor):
-    """tensor in template's memory layout. An elementwise op on tensors of two layouts may return
-    the default one: a channels_last model's first conv (1 input channel, where both layouts fit
-    the same shape) then got an NCHW weight after pruning, and every call converted its activations
-    (that model's merged copy ran 1.2-1.8x slower than its base). A no-op when the strides agree."""
+    """tensor in template's memory layout. Elementwise ops on two layouts may return the default one:
+    a channels_last first conv with one input channel then got an NCHW weight, and every forward
+    pass converted its activations (1.2-1.8x slower merged models). A no-op when strides agree."""
     return tensor if tensor.stride() == template.stride() else torch.empty_like(template).copy_(tensor)
 
 
@@ -202,6 +189,11 @@ class _LoRALayer(nn.Module):
             return self.base(x) + self._layer(self.dropout(x), update, None)
         return self._layer(x, self.merged_weight(), self.base.bias)
 
+    def _layer(self, x, weight, bias):  # the base layer's own operation, with another weight
+        if isinstance(self.base, nn.Conv2d):
+            return self.base._conv_forward(x, weight, bias)  # honours padding_mode, stride, dilation
+        return F.linear(x, weight, bias)
+
 
 class LoRAConv2d(_LoRALayer):
     """LoRA around an nn.Conv2d: A is a conv like the base's into r channels, B a 1x1 conv to out channels."""
@@ -216,9 +208,6 @@ class LoRAConv2d(_LoRALayer):
         self.lora_B = nn.Conv2d(r, base.out_channels, 1, bias=False, **_made_like(base))
         self.reset_factors()
 
-    def _layer(self, x, weight, bias):
-        return self.base._conv_forward(x, weight, bias)  # honours padding_mode, stride, dilation
-
 
 class LoRALinear(_LoRALayer):
     """LoRA around an nn.Linear: A is (r, in), B is (out, r)."""
@@ -228,9 +217,6 @@ class LoRALinear(_LoRALayer):
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **_made_like(base))
         self.lora_B = nn.Linear(r, base.out_features, bias=False, **_made_like(base))
         self.reset_factors()
-
-    def _layer(self, x, weight, bias):
-        return F.linear(x, weight, bias)
 
 
 def _replace(model, name, new):
