@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import prunelora as pl
 from checkpoints import default_checkpoint, load_checkpoint
 from cli import UserError, autocast
-from data import make_batch
+from data import make_batch, predict
 from depth import hide_classes
 from models import HEAD
 from train import RUN_KEYS, fit, train, warmup_cosine
@@ -68,6 +68,21 @@ def prune_forget_salient(model, data, forget, args, images=512):
         loss = F.cross_entropy(model(make_batch(data, data.train_images, batch)).float(), data.train_labels[batch])
     scores = saliency(model, loss)
     pl.prune_global(model, args.salient_prune, exclude=HEAD, importance=lambda layer: -scores[layer])
+
+
+
+def relabel_forget_nearest(model, data, forget, args):
+    """--relabel-forget 1: the data with each forget image labelled as the class the base model ranks
+    highest after its own, never a forget class. Trained on with the retained images, these labels
+    give the features a reason to move the forget images into their nearest other class, not only
+    the head a reason to stop naming it: a variant aimed at deeper forgetting."""
+    logits = predict(model, data, data.train_images[forget.to(data.train_images.device)])  # (n, classes)
+    own = data.train_labels[forget.to(data.train_labels.device)]
+    logits[torch.arange(len(own), device=logits.device), own] = float("-inf")
+    logits[:, list(args.forget_class)] = float("-inf")
+    labels = data.train_labels.clone()
+    labels[forget.to(labels.device)] = logits.argmax(1).to(labels.device)
+    return dataclasses.replace(data, train_labels=labels)  # the same image tensors, other labels
 
 # -----------------------------------------------------------------------------
 # the baselines

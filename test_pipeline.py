@@ -15,7 +15,7 @@ import prunelora as pl
 import unlearn
 from checkpoints import default_checkpoint, load_checkpoint
 from cli import UserError
-from data import Data, load_dataset, training_index
+from data import Data, load_dataset, predict, training_index
 from models import build_model
 from evaluate import attack_accuracy, fit_threshold, gaps_to_retrain, meets_targets, mia_efficacy, unlearning_metrics
 
@@ -251,7 +251,7 @@ def test_unlearn_as_functions_forgets_several_classes(synthetic_dataset, base_ch
     data = load_dataset(dataset, data_dir)
     base = load_checkpoint(base_checkpoint, dataset, "cnn")
     args = argparse.Namespace(forget_class=[0, 3], prune_amount=0.5, rank=4, alpha=8, lora_dropout=0.0, lr=1e-3,
-                              lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=0, salient_prune=0.0,
+                              lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=0, salient_prune=0.0, relabel_forget=0,
                               epochs=3, batch_size=32, seed=0, base_ckpt=base, arch="cnn")
     index = training_index(data)
     forget = torch.isin(data.train_labels, torch.tensor(args.forget_class))
@@ -281,6 +281,26 @@ def test_salient_prune_first_prunes_what_the_forget_images_lean_on(synthetic_dat
     assert unlearning_metrics(model, data, [1], split["train"])["forget_test_acc"] < before  # the class's weights went first
 
 
+def test_relabel_forget_gives_each_forget_image_the_class_the_base_ranks_next_never_a_forget_class(
+        synthetic_dataset, base_checkpoint):
+    data, base, split = forget_class_1(synthetic_dataset, base_checkpoint)
+    model = build_model("cnn", 3, data.num_classes)
+    model.load_state_dict(base["state_dict"])
+    for forget_class, forget in (([1], split["forget"]), ([], split["retain"][:20])):  # a class; a sample
+        relabelled = baselines.relabel_forget_nearest(model, data, forget, argparse.Namespace(forget_class=forget_class))
+        new, own = relabelled.train_labels[forget], data.train_labels[forget]
+        assert not (new == own).any() and not torch.isin(new, torch.tensor(forget_class, dtype=new.dtype)).any()
+        logits = predict(model, data, data.train_images[forget])
+        allowed = torch.ones_like(logits, dtype=torch.bool)
+        allowed[torch.arange(len(own)), own] = False
+        allowed[:, forget_class] = False
+        best_allowed = logits.masked_fill(~allowed, float("-inf")).max(1).values
+        assert torch.equal(logits.gather(1, new[:, None]).squeeze(1), best_allowed)  # the next class, by the base
+        untouched = torch.ones(len(data.train_labels), dtype=torch.bool)
+        untouched[forget] = False
+        assert torch.equal(relabelled.train_labels[untouched], data.train_labels[untouched])
+
+
 @pytest.mark.parametrize("method", ["prunelora", "lora"])
 def test_freeze_bn_keeps_the_merged_batchnorm_buffers_the_base_s_bit_for_bit(method, synthetic_dataset, base_checkpoint):
     data, base, split = forget_class_1(synthetic_dataset, base_checkpoint)
@@ -288,7 +308,7 @@ def test_freeze_bn_keeps_the_merged_batchnorm_buffers_the_base_s_bit_for_bit(met
     for freeze in (1, 0):
         args = argparse.Namespace(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lora_dropout=0.1, lr=1e-3,
                                   lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=freeze,
-                                  salient_prune=0.0, epochs=1, batch_size=32, seed=0, base_ckpt=base, arch="cnn")
+                                  salient_prune=0.0, relabel_forget=0, epochs=1, batch_size=32, seed=0, base_ckpt=base, arch="cnn")
         model, _ = unlearn.run_method(method, base, data, split, args, torch.device("cpu"))
         buffers[freeze] = {k: v for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
     assert buffers[1] and all(torch.equal(v, base["state_dict"][k]) for k, v in buffers[1].items())

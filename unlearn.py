@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 import prunelora as pl
-from baselines import (adapt, finetune_on, prune_forget_salient, reset_forget_rows, unlearn_finetune, unlearn_ga,
-                       unlearn_hidden, unlearn_lora, unlearn_prune_finetune, unlearn_retrain, unlearn_rl)
+from baselines import (adapt, finetune_on, prune_forget_salient, relabel_forget_nearest, reset_forget_rows,
+                       unlearn_finetune, unlearn_ga, unlearn_hidden, unlearn_lora, unlearn_prune_finetune,
+                       unlearn_retrain, unlearn_rl)
 from bench import bench_step_times, inference_time_ratio, print_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
                          fresh_model, model_from_checkpoint, save_checkpoint, save_text)
@@ -45,12 +46,15 @@ share = number(float, "between 0 and 1, both excluded", lambda v: 0 < v < 1)
 def unlearn_prunelora(model, data, split, args):
     """PruneLoRA: prune the base, adapt it with LoRA on the frozen, pruned weights, unlearn by training
     only the low-rank factors and the head on the retained images, then merge (sparsity kept)."""
+    train_data, train_on = data, split["retain"]
+    if args.relabel_forget:  # variant: the forget images too, labelled by the base model (before any change)
+        train_data, train_on = relabel_forget_nearest(model, data, split["forget"], args), split["train"]
     if args.salient_prune:  # before the head's forget rows are reset: the saliency is the base model's
         prune_forget_salient(model, data, split["forget"], args)
     reset_forget_rows(model, args)
     pl.prune_global(model, args.prune_amount, exclude=HEAD)                                      # 1. prune
     adapt(model, args)                                                                           # 2. adapt
-    facts = finetune_on(model, data, split["retain"], args, lr=args.lora_lr, freeze_bn=args.freeze_bn)  # 3. unlearn
+    facts = finetune_on(model, train_data, train_on, args, lr=args.lora_lr, freeze_bn=args.freeze_bn)  # 3. unlearn
     return pl.merge_lora(model), facts
 
 
@@ -117,6 +121,9 @@ def parse_args():
     parser.add_argument("--salient-prune", type=fraction, default=0.0, metavar="Q",
                         help="prunelora only: first prune the share Q of weights the forget images' loss leans on "
                         "most (|w * dL/dw|), then --prune-amount of the rest by magnitude (default 0: off)")
+    parser.add_argument("--relabel-forget", type=int, choices=(0, 1), default=0,
+                        help="prunelora only: 1 also trains on the forget images, each labelled as the class the "
+                        "base model ranks highest after its own (never a forget class); a variant for deeper forgetting")
     parser.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
     parser.add_argument("--alpha", type=positive_float, default=16, help="LoRA alpha; scaling = alpha / r")
     # 0, not loralib's usual 0.1: with dropout a pruned layer runs a second full convolution per step
