@@ -141,6 +141,38 @@ def test_several_seeds_run_the_comparison_once_each_with_their_own_base_and_repo
     assert not torch.equal(*(u["state_dict"]["head.weight"] for u in unlearned))  # two seeds, two different runs
 
 
+def test_resume_takes_the_seeds_a_cut_run_finished_and_runs_only_the_rest(synthetic_dataset, tmp_path, monkeypatch):
+    dataset, data_dir = synthetic_dataset
+    monkeypatch.chdir(tmp_path)
+    argv = ["unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--forget-class", "1", "--method", "finetune",
+            "--seed", "0", "1", *FAST_BASE, *FAST_UNLEARN]
+    real, ran = unlearn.run_methods, []
+
+    def killed_in_seed_1(run, base, args):
+        if base.seed == 1:
+            raise KeyboardInterrupt  # as a kill would, after seed 0 finished
+        ran.append(base.seed)
+        return real(run, base, args)
+    monkeypatch.setattr(unlearn, "run_methods", killed_in_seed_1)
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(KeyboardInterrupt):
+        unlearn.main()
+    results = tmp_path / "results" / f"{Path(default_checkpoint(dataset, 'cnn')).stem}-forget1-seeds0-1.json"
+    partial = results.with_suffix(".partial.json")
+    assert not results.exists() and set(json.loads(partial.read_text())["per_seed"]) == {"0"}
+
+    monkeypatch.setattr(sys, "argv", [*argv, "--resume", "--lr", "0.01"])  # another setting: refused
+    with pytest.raises(UserError, match="--resume: .*lr=0.001"):
+        unlearn.main()
+
+    monkeypatch.setattr(unlearn, "run_methods", lambda run, base, args: ran.append(base.seed) or real(run, base, args))
+    monkeypatch.setattr(sys, "argv", [*argv, "--resume"])
+    unlearn.main()
+    assert ran == [0, 1]  # seed 0 ran once, before the kill
+    saved = json.loads(results.read_text())
+    assert set(saved["per_seed"]) == {"0", "1"} and not partial.exists()
+
+
 def test_several_seeds_with_depth_report_which_measures_tell_hidden_from_retrain(synthetic_dataset, tmp_path):
     dataset, data_dir = synthetic_dataset
     result = run("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--forget-class", "1", "--depth",

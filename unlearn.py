@@ -12,7 +12,6 @@ and .md, plus each unlearned model, merged, as checkpoints/unlearned/...-<method
 (`hidden`, a reference that is not unlearning, is never saved there).
 """
 import argparse
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +24,17 @@ from baselines import (adapt, finetune_on, prune_forget_salient, relabel_forget_
                        unlearn_retrain, unlearn_rl)
 from bench import bench_step_times, inference_time_ratio, print_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
-                         fresh_model, model_from_checkpoint, save_checkpoint, save_text)
+                         fresh_model, model_from_checkpoint, save_checkpoint)
 from cli import ArgumentParser, UserError, fraction, number, pick_device, positive_float, positive_int, run_cli
 from data import check_classes, check_dataset_name, forget_split, forget_tag, load_dataset, training_index
-from depth import add_depth_scores, depth_metrics, separation, separation_table
-from evaluate import gaps_to_retrain, markdown_table, summarize, time_to_target, time_to_target_table, unlearning_metrics
+from depth import add_depth_scores, depth_metrics
+from evaluate import gaps_to_retrain, unlearning_metrics
 from models import HEAD, check_arch, to_device
+from results import finished_seeds, method_runs, report, save_partial
 from train import add_data_args, add_train_args, train
 
 METHODS = ("prunelora", "retrain", "finetune", "prune-finetune", "lora", "ga", "rl", "hidden")
 NOT_UNLEARNED = ("hidden",)  # references only: their models are never saved where unlearned models go
-NO_EPOCHS = ("retrain", "hidden")  # run once whatever --epochs says: Retrain trains as the base did
 share = number(float, "between 0 and 1, both excluded", lambda v: 0 < v < 1)
 
 # -----------------------------------------------------------------------------
@@ -142,6 +141,9 @@ def parse_args():
     parser.add_argument("--bench-steps", type=positive_int, default=None, metavar="N",
                         help="instead of unlearning, time N training steps of finetune, lora and prunelora on one batch")
     parser.add_argument("--out-dir", default="results", help="where the .json and .md tables go")
+    parser.add_argument("--resume", action="store_true",
+                        help="several seeds: take the seeds a cut run of the same command finished from its "
+                        ".partial.json, and run only the rest")
     add_train_args(parser, prefix="base-")
     return parser.parse_args()
 
@@ -245,11 +247,8 @@ def setup(args):
           f"training images, {args.arch}, on {device}", flush=True)
     return Run(methods, device, data, bases, results)
 
-
-def method_runs(methods, epochs):
-    """(method, epochs, row name) of each run: one per epoch count, named method@<E>ep where there are several."""
-    return [(m, e, m if len(epochs) == 1 or m in NO_EPOCHS else f"{m}@{e}ep")
-            for m in methods for e in (epochs[-1:] if m in NO_EPOCHS else epochs)]
+# -----------------------------------------------------------------------------
+# the comparison: every method on each seed's base model
 
 
 def run_methods(run, base, args):
@@ -290,38 +289,6 @@ def run_methods(run, base, args):
     return add_depth_scores(rows)
 
 
-def report(per_seed, run, args):
-    """One seed: its table. Several: mean ± standard deviation per cell, and every seed's rows in the JSON."""
-    settings = {k: v for k, v in vars(args).items() if k != "base_ckpt"}
-    bases = [str(base.path) for base in run.bases]
-    if len(per_seed) == 1:
-        (rows,) = per_seed.values()
-        settings["seed"], table = args.seed[0], markdown_table(rows)
-        saved = dict(settings=settings, base=bases[0], device=str(run.device), results=rows)
-    else:
-        mean, spread = summarize(list(per_seed.values()))
-        table = markdown_table(mean, spread)
-        saved = dict(settings=settings, base=bases, device=str(run.device), results=mean, spread=spread,
-                     per_seed={str(seed): rows for seed, rows in per_seed.items()})
-        table = f"mean ± standard deviation over seeds {', '.join(map(str, per_seed))}\n\n{table}"
-        if args.depth and "retrain" in run.methods:  # which depth measure tells hidden from Retrain
-            saved["depth_separation"] = separation(per_seed)
-            table += ("\n\ndepth measures at the two ends of the scale (separation: their gap over the larger "
-                      f"standard deviation)\n\n{separation_table(saved['depth_separation'])}")
-    if len(args.epochs) > 1 and "retrain" in run.methods and args.forget_class:
-        runs = {}  # {method: {epochs: row name}}
-        for method, epochs, name in method_runs(run.methods, args.epochs):
-            if method not in NO_EPOCHS:
-                runs.setdefault(method, {})[epochs] = name
-        found = time_to_target(per_seed, runs)
-        saved["time_to_target"] = {m: [dict(epochs=e, seconds=t) for e, t in hits] for m, hits in found.items()}
-        table += ("\n\nfewest epochs to the targets (UA >= 99.9, MIA >= 99, RA >= Retrain - 0.3, TA >= Retrain - 1.0)"
-                  f"\n\n{time_to_target_table(found, per_seed, args.epochs[-1])}")
-    save_text(json.dumps(saved, indent=2), run.results)
-    save_text(f"{table}\n", run.results.with_suffix(".md"))
-    print(f"\n{table}\n\nwritten to {run.results} and {run.results.with_suffix('.md')}")
-
-
 def main():
     args = parse_args()
     run = setup(args)
@@ -330,12 +297,17 @@ def main():
         rows = bench_step_times(base.ckpt, run.data, base.split, args, run.device, args.bench_steps, memory=True)
         print_bench(rows, args, run.device)
         return
-    per_seed = {}
-    for base in run.bases:
+    # several seeds: each finished seed's rows go to a .partial.json, so that --resume loses at most one seed
+    partial = run.results.with_suffix(".partial.json")
+    per_seed = finished_seeds(partial, args) if args.resume and len(run.bases) > 1 else {}
+    for base in (base for base in run.bases if base.seed not in per_seed):
         seed_args = argparse.Namespace(**dict(vars(args), seed=base.seed, base_ckpt=base.ckpt,
                                               forget_index=base.forget_index, forget_name=base.forget_name))
         per_seed[base.seed] = run_methods(run, base, seed_args)
-    report(per_seed, run, args)
+        if len(run.bases) > 1:
+            save_partial(per_seed, args, partial)
+    report({base.seed: per_seed[base.seed] for base in run.bases}, run, args)
+    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
