@@ -70,7 +70,6 @@ def prune_forget_salient(model, data, forget, args, images=512):
     pl.prune_global(model, args.salient_prune, exclude=HEAD, importance=lambda layer: -scores[layer])
 
 
-
 def relabel_forget_nearest(model, data, forget, args):
     """--relabel-forget 1: the data with each forget image labelled as the class the base model ranks
     highest after its own, never a forget class. Trained on with the retained images, these labels
