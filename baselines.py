@@ -47,7 +47,7 @@ def reset_forget_rows(model, args):
         head.bias[rows] = fresh.bias[rows]
 
 # -----------------------------------------------------------------------------
-# a PruneLoRA variant: prune first what the forget images lean on (--salient-prune)
+# PruneLoRA variants aimed at deeper forgetting: --salient-prune, --relabel-forget
 
 
 def saliency(model, loss):
