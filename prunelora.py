@@ -172,11 +172,9 @@ class _LoRALayer(nn.Module):
         return (self.scaling * (B @ A)).reshape(shape)
 
     def merged_weight(self):
-        mask = _mask(self.base)
-        if mask is None:
-            return _like(self.base.weight, self.base.weight + self.delta_weight())
-        merged = mask * (self.base.weight_orig + self.delta_weight())  # pruned zeros stay exactly zero
-        return _like(self.base.weight_orig, merged)
+        weight, mask = _weight(self.base), _mask(self.base)
+        merged = weight + self.delta_weight()
+        return _like(weight, merged if mask is None else mask * merged)  # pruned zeros stay exactly zero
 
     def forward(self, x):
         mask = _mask(self.base)
