@@ -168,6 +168,7 @@ class Run:
     data: object          # data.Data, on the device
     bases: list           # a Base per seed
     results: Path         # the .json; the .md beside it
+    finished: dict        # --resume: {seed: rows} of the seeds a cut run finished
 
 
 def check_base(path, args):
@@ -236,6 +237,8 @@ def setup(args):
     for path in (results, results.with_suffix(".md"), Path("checkpoints/unlearned") / f"{bases[0].tag}.pt",
                  *(base.path for base in bases)):
         check_writable(path)
+    # several seeds: each finished seed's rows go to a .partial.json, so that --resume loses at most one seed
+    finished = finished_seeds(results.with_suffix(".partial.json"), args) if args.resume and len(bases) > 1 else {}
     data.to(device)
 
     for base in bases:
@@ -245,7 +248,7 @@ def setup(args):
             if args.forget_class else "a random sample")
     print(f"forgetting {what} of {data.name}: {len(split['forget'])} forget and {len(split['retain'])} retained "
           f"training images, {args.arch}, on {device}", flush=True)
-    return Run(methods, device, data, bases, results)
+    return Run(methods, device, data, bases, results, finished)
 
 # -----------------------------------------------------------------------------
 # the comparison: every method on each seed's base model
@@ -297,9 +300,7 @@ def main():
         rows = bench_step_times(base.ckpt, run.data, base.split, args, run.device, args.bench_steps, memory=True)
         print_bench(rows, args, run.device)
         return
-    # several seeds: each finished seed's rows go to a .partial.json, so that --resume loses at most one seed
-    partial = run.results.with_suffix(".partial.json")
-    per_seed = finished_seeds(partial, args) if args.resume and len(run.bases) > 1 else {}
+    partial, per_seed = run.results.with_suffix(".partial.json"), dict(run.finished)
     for base in (base for base in run.bases if base.seed not in per_seed):
         seed_args = argparse.Namespace(**dict(vars(args), seed=base.seed, base_ckpt=base.ckpt,
                                               forget_index=base.forget_index, forget_name=base.forget_name))
