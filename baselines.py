@@ -75,13 +75,19 @@ def relabel_forget_nearest(model, data, forget, args):
     highest after its own, never a forget class. Trained on with the retained images, these labels
     give the features a reason to move the forget images into their nearest other class, not only
     the head a reason to stop naming it: a variant aimed at deeper forgetting."""
-    logits = predict(model, data, data.train_images[forget.to(data.train_images.device)])  # (n, classes)
-    own = data.train_labels[forget.to(data.train_labels.device)]
+    forget = forget.to(data.train_labels.device)
+    logits = predict(model, data, data.train_images[forget])  # (n, classes)
+    own = data.train_labels[forget]
     logits[torch.arange(len(own), device=logits.device), own] = float("-inf")
     logits[:, list(args.forget_class)] = float("-inf")
-    labels = data.train_labels.clone()
-    labels[forget.to(labels.device)] = logits.argmax(1).to(labels.device)
-    return dataclasses.replace(data, train_labels=labels)  # the same image tensors, other labels
+    return with_labels(data, forget, logits.argmax(1))
+
+
+def with_labels(data, index, labels):
+    """The same image tensors, with the training images at index labelled `labels` instead."""
+    new = data.train_labels.clone()
+    new[index] = labels.to(new.device)
+    return dataclasses.replace(data, train_labels=new)
 
 # -----------------------------------------------------------------------------
 # the baselines
@@ -128,11 +134,9 @@ def unlearn_rl(model, data, split, args):
     images keep theirs. Forgetting a random sample, each forget image gets another class than its own,
     drawn once with the seed, since its class is also a retained one."""
     if not args.forget_class:
-        labels = data.train_labels.clone()
-        forget = split["forget"].to(labels.device)
+        forget = split["forget"].to(data.train_labels.device)
         shift = torch.randint(1, data.num_classes, (len(forget),), generator=torch.Generator().manual_seed(args.seed))
-        labels[forget] = (labels[forget] + shift.to(labels.device)) % data.num_classes
-        relabelled = dataclasses.replace(data, train_labels=labels)  # the same image tensors, other labels
+        relabelled = with_labels(data, forget, (data.train_labels[forget] + shift.to(forget.device)) % data.num_classes)
         return model, finetune_on(model, relabelled, torch.cat([split["retain"], split["forget"]]), args)
     retained = torch.tensor([c for c in range(data.num_classes) if c not in args.forget_class], device=data.train_labels.device)
     forget = torch.tensor(args.forget_class, device=data.train_labels.device)
