@@ -180,7 +180,8 @@ COLUMNS = [("UA", "UA", "{:.2f}"), ("MIA", "MIA", "{:.2f}"), ("RA", "RA", "{:.2f
            ("trainable_share", "trainable share", "{:.4f}"), ("sparsity", "sparsity", "{:.4f}"),
            ("inference_time_ratio", "inference time / base", "{:.2f}"), ("peak_memory_mb", "peak GPU MB", "{:.0f}"),
            ("relearn_steps", "relearn steps", "{:.4g}"), ("probe_acc", "probe acc", "{:.2f}"),
-           ("ncm_acc", "10-shot NCM acc", "{:.2f}"), ("cka_base", "CKA to base", "{:.3f}"),
+           ("ncm_acc", "10-shot NCM acc", "{:.2f}"),
+           ("ncm_acc_50", "50-shot NCM acc", "{:.2f}"), ("cka_base", "CKA to base", "{:.3f}"),
            ("depth_score", "depth score", "{:.2f}")]
 
 

@@ -66,6 +66,10 @@ def report(per_seed, run, args):
             saved["depth_separation"] = separation(per_seed)
             table += ("\n\ndepth measures at the two ends of the scale (separation: their gap over the larger "
                       f"standard deviation)\n\n{separation_table(saved['depth_separation'])}")
+    measure = next((row["depth_measure"] for rows in per_seed.values() for row in rows.values()
+                    if "depth_measure" in row), None)
+    if measure:  # which measure the score reads (10 shots where a class has fewer than 50 images)
+        table += f"\n\ndepth score: {measure} on the scale 0 = hidden (the base's features), 1 = Retrain"
     if len(args.epochs) > 1 and "retrain" in run.methods and args.forget_class:
         runs = {}  # {method: {epochs: row name}}
         for method, epochs, name in method_runs(run.methods, args.epochs):

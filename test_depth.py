@@ -102,9 +102,13 @@ def test_ncm_reads_the_features_so_hiding_cannot_fool_it(models, depth):
 
 
 def test_depth_score_is_0_for_hidden_and_1_for_retrain_by_construction():
-    rows = measures.add_depth_scores({"base": dict(ncm_acc=90.0), "hidden": dict(ncm_acc=90.0),
-                                      "retrain": dict(ncm_acc=60.0), "halfway": dict(ncm_acc=75.0)})
+    """On the 50-shot NCM accuracy where both ends have it, else the 10-shot one; each row names it."""
+    rows = measures.add_depth_scores({"base": dict(ncm_acc_50=90.0, ncm_acc=10.0), "hidden": dict(ncm_acc_50=90.0),
+                                      "retrain": dict(ncm_acc_50=60.0, ncm_acc=20.0), "halfway": dict(ncm_acc_50=75.0)})
     assert [rows[name]["depth_score"] for name in ("base", "hidden", "retrain", "halfway")] == [0, 0, 1, 0.5]
+    assert {row["depth_measure"] for row in rows.values()} == {"ncm_acc_50"}
+    rows = measures.add_depth_scores({"base": dict(ncm_acc=90.0), "retrain": dict(ncm_acc=60.0), "m": dict(ncm_acc=30.0)})
+    assert rows["m"]["depth_score"] == 2 and rows["m"]["depth_measure"] == "ncm_acc"  # too few images for 50 shots
     assert measures.add_depth_scores({"base": dict(ncm_acc=90.0)}) == {"base": dict(ncm_acc=90.0)}  # no Retrain: no scale
 
 
