@@ -9,7 +9,7 @@ import json
 from checkpoints import save_text
 from cli import UserError
 from depth import separation, separation_table
-from evaluate import markdown_table, summarize, time_to_target, time_to_target_table
+from evaluate import NEAR_CHANCE, markdown_table, near_chance, summarize, time_to_target, time_to_target_table
 
 NO_EPOCHS = ("retrain", "hidden")  # run once whatever --epochs says: Retrain trains as the base did
 
@@ -53,23 +53,26 @@ def report(per_seed, run, args):
     settings = run_settings(args)
     bases = [str(base.path) for base in run.bases]
     if len(per_seed) == 1:
-        (rows,) = per_seed.values()
-        settings["seed"], table = args.seed[0], markdown_table(rows)
-        saved = dict(settings=settings, base=bases[0], device=str(run.device), results=rows)
+        (shown,) = per_seed.values()
+        settings["seed"], table = args.seed[0], markdown_table(shown)
+        saved = dict(settings=settings, base=bases[0], device=str(run.device), results=shown)
     else:
-        mean, spread = summarize(list(per_seed.values()))
-        table = markdown_table(mean, spread)
-        saved = dict(settings=settings, base=bases, device=str(run.device), results=mean, spread=spread,
+        shown, spread = summarize(list(per_seed.values()))
+        table = f"mean ± standard deviation over seeds {', '.join(map(str, per_seed))}\n\n{markdown_table(shown, spread)}"
+        saved = dict(settings=settings, base=bases, device=str(run.device), results=shown, spread=spread,
                      per_seed={str(seed): rows for seed, rows in per_seed.items()})
-        table = f"mean ± standard deviation over seeds {', '.join(map(str, per_seed))}\n\n{table}"
-        if args.depth and "retrain" in run.methods:  # which depth measure tells hidden from Retrain
-            saved["depth_separation"] = separation(per_seed)
-            table += ("\n\ndepth measures at the two ends of the scale (separation: their gap over the larger "
-                      f"standard deviation)\n\n{separation_table(saved['depth_separation'])}")
     measure = next((row["depth_measure"] for rows in per_seed.values() for row in rows.values()
                     if "depth_measure" in row), None)
     if measure:  # which measure the score reads (10 shots where a class has fewer than 50 images)
         table += f"\n\ndepth score: {measure} on the scale 0 = hidden (the base's features), 1 = Retrain"
+    noisy = near_chance(shown)
+    if noisy and not args.forget_class:  # (a forgotten class's confidences sit far below any threshold)
+        table += (f"\n\nattack acc under {NEAR_CHANCE:g} % (near chance) for {', '.join(noisy)}: the attack barely "
+                  "tells training images from unseen ones, so their MIA-efficacy is mostly noise")
+    if len(per_seed) > 1 and args.depth and "retrain" in run.methods:  # which depth measure tells hidden from Retrain
+        saved["depth_separation"] = separation(per_seed)
+        table += ("\n\ndepth measures at the two ends of the scale (separation: their gap over the larger "
+                  f"standard deviation)\n\n{separation_table(saved['depth_separation'])}")
     if len(args.epochs) > 1 and "retrain" in run.methods and args.forget_class:
         runs = {}  # {method: {epochs: row name}}
         for method, epochs, name in method_runs(run.methods, args.epochs):

@@ -17,7 +17,8 @@ from checkpoints import default_checkpoint, load_checkpoint
 from cli import UserError
 from data import Data, load_dataset, predict, training_index
 from models import build_model
-from evaluate import attack_accuracy, fit_threshold, gaps_to_retrain, meets_targets, mia_efficacy, unlearning_metrics
+from evaluate import (attack_accuracy, fit_threshold, gaps_to_retrain, meets_targets, mia_efficacy, near_chance,
+                      unlearning_metrics)
 
 HERE = Path(__file__).resolve().parent
 FAST_BASE = ["--arch", "cnn", "--base-epochs", "2", "--base-batch-size", "32", "--base-lr", "0.05"]
@@ -65,6 +66,8 @@ def test_gaps_to_retrain_and_the_far_above_mia_warning():
     assert [rows[m]["MIA_gap"] for m in ("retrain", "over", "close", "under")] == [0, 10, 2, -30]
     assert [rows[m]["avg_gap"] for m in ("retrain", "over", "under")] == [0, 2.5, 8.5]  # mean |gap| over UA, MIA, RA, TA
     assert gaps_to_retrain({"base": dict(MIA=10.0)}) == []  # without Retrain there is nothing to read against
+    rows["over"]["MIA_attack_acc"], rows["close"]["MIA_attack_acc"] = 51.0, 70.0
+    assert near_chance(rows) == ["over"]  # its attack barely beats a coin: the 10-point gap is a note, not a warning
 
 
 def test_metrics_of_a_model_that_predicts_one_class():
@@ -222,6 +225,11 @@ def test_random_sample_forgetting_runs_every_method_and_reads_them_against_retra
     for method, row in rows.items():
         assert {"UA", "MIA", "RA", "TA", "avg_gap", "MIA_gap"} <= set(row) and "forget_test_acc" not in row
     assert rows["retrain"]["avg_gap"] == 0 and rows["base"]["forget_count"] == 48  # 20% of 4 x 60 images
+    noisy = [name for name, row in rows.items() if row["MIA_attack_acc"] < 55]  # the table names them, and only them
+    notes = [line for line in (tmp_path / "results" / f"{stem}-forget-share0.2.md").read_text().splitlines()
+             if "near chance" in line]
+    assert notes == ([f"attack acc under 55 % (near chance) for {', '.join(noisy)}: the attack barely tells training "
+                      "images from unseen ones, so their MIA-efficacy is mostly noise"] if noisy else [])
     # Retrain never saw a forget image: its checkpoint was trained without exactly the forget set
     data = load_dataset(dataset, data_dir)
     [retrain] = (tmp_path / "checkpoints").glob("*-without48images-*.pt")
