@@ -48,7 +48,7 @@ def _is_excluded(name, exclude):
 
 def _layers(model, exclude=()):
     """(name, layer) for every Conv2d/Linear that is not excluded and is not a LoRA factor."""
-    factor_ids = {id(m) for w in model.modules() if isinstance(w, _LoRALayer)
+    factor_ids = {id(m) for w in model.modules() if isinstance(w, LoRALayer)
                   for m in (w.lora_A, w.lora_B)}
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, PRUNABLE) and id(m) not in factor_ids and not _is_excluded(name, exclude)]
@@ -89,10 +89,6 @@ def _like(template, tensor):
     return tensor if tensor.stride() == template.stride() else torch.empty_like(template).copy_(tensor)
 
 
-def _made_like(layer):  # factory arguments: new parameters on the layer's device (a GPU), in its dtype
-    return dict(device=_weight(layer).device, dtype=_weight(layer).dtype)
-
-
 # -----------------------------------------------------------------------------
 # stage 1: prune
 
@@ -114,7 +110,7 @@ def prune_global(model, amount, exclude=(), importance=None):
         raise ValueError("the model has no Conv2d or Linear layer to prune (after exclude="
                          f"{tuple(exclude)!r}); allowed: a model with at least one such layer")
     modules = [m for _, m in layers]  # a wrapped layer's frozen base is found as "<name>.base"
-    wrapped = {id(w.base) for w in model.modules() if isinstance(w, _LoRALayer)}
+    wrapped = {id(w.base) for w in model.modules() if isinstance(w, LoRALayer)}
     # The global threshold by hand rather than prune.global_unstructured, which flattens every weight
     # with .view(-1) and so fails on channels_last weights. The same choice: the round(amount * n)
     # lowest scores among the weights not pruned yet, over all layers together (ties as torch.topk breaks them).
@@ -145,10 +141,12 @@ def sparsity(model):
 # stage 2: adapt
 
 
-class _LoRALayer(nn.Module):
-    """W_eff = M * (W + scaling * B @ A) around a frozen base layer; B starts at zero, so W_eff = W at first."""
+class LoRALayer(nn.Module):
+    """W_eff = M * (W + scaling * B @ A) around a frozen Conv2d or Linear base layer. B starts at
+    zero, so W_eff = W at first. Conv2d: A is a conv like the base's into r channels, B a 1x1 conv
+    to the output channels; Linear: A is (r, in), B is (out, r)."""
 
-    def __init__(self, base, r, alpha, dropout):
+    def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__()
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
@@ -158,13 +156,22 @@ class _LoRALayer(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.base, self.r, self.scaling = base, r, alpha / r
         self.dropout = nn.Dropout(dropout)
+        like = dict(device=_weight(base).device, dtype=_weight(base).dtype)  # new factors beside the weight
+        if isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise NotImplementedError(f"LoRA supports convs with groups=1 only, got groups={base.groups}; "
+                                          "exclude grouped/depthwise convs from add_lora")
+            self.lora_A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,
+                                    base.dilation, bias=False, padding_mode=base.padding_mode, **like)
+            self.lora_B = nn.Conv2d(r, base.out_channels, 1, bias=False, **like)
+        else:
+            self.lora_A = nn.Linear(base.in_features, r, bias=False, **like)
+            self.lora_B = nn.Linear(r, base.out_features, bias=False, **like)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear/Conv2d init their weight
+        nn.init.zeros_(self.lora_B.weight)
         for p in base.parameters():
             p.requires_grad_(False)
         _detach_pruned_weight(base, wrapped=True)
-
-    def reset_factors(self):
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear/Conv2d init their weight
-        nn.init.zeros_(self.lora_B.weight)
 
     def delta_weight(self):
         """scaling * B @ A, in the shape of the base weight (the mask is not applied here)."""
@@ -195,30 +202,6 @@ class _LoRALayer(nn.Module):
         return F.linear(x, weight, bias)
 
 
-class LoRAConv2d(_LoRALayer):
-    """LoRA around an nn.Conv2d: A is a conv like the base's into r channels, B a 1x1 conv to out channels."""
-
-    def __init__(self, base, r, alpha, dropout=0.0):
-        if base.groups != 1:
-            raise NotImplementedError(f"LoRAConv2d supports groups=1 only, got a conv with groups={base.groups}; "
-                                      "exclude grouped/depthwise convs from add_lora")
-        super().__init__(base, r, alpha, dropout)
-        self.lora_A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding,
-                                base.dilation, bias=False, padding_mode=base.padding_mode, **_made_like(base))
-        self.lora_B = nn.Conv2d(r, base.out_channels, 1, bias=False, **_made_like(base))
-        self.reset_factors()
-
-
-class LoRALinear(_LoRALayer):
-    """LoRA around an nn.Linear: A is (r, in), B is (out, r)."""
-
-    def __init__(self, base, r, alpha, dropout=0.0):
-        super().__init__(base, r, alpha, dropout)
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **_made_like(base))
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, **_made_like(base))
-        self.reset_factors()
-
-
 def _replace(model, name, new):
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -227,11 +210,10 @@ def _replace(model, name, new):
 def add_lora(model, r=8, alpha=16, dropout=0.0, exclude=()):
     """Wrap every Conv2d/Linear not in `exclude` (and not already wrapped) in place; return the wrapped names."""
     _check_names(model, exclude, "exclude")
-    wrapped_bases = {id(w.base) for w in model.modules() if isinstance(w, _LoRALayer)}
+    wrapped_bases = {id(w.base) for w in model.modules() if isinstance(w, LoRALayer)}
     targets = [(name, m) for name, m in _layers(model, exclude) if id(m) not in wrapped_bases]
-    wrapper = {nn.Conv2d: LoRAConv2d, nn.Linear: LoRALinear}
     # build every wrapper before replacing any, so a bad argument leaves the model untouched
-    wrapped = [(name, wrapper[type(m)](m, r, alpha, dropout)) for name, m in targets if name]
+    wrapped = [(name, LoRALayer(m, r, alpha, dropout)) for name, m in targets if name]
     for name, w in wrapped:
         _replace(model, name, w)
     return [name for name, _ in wrapped]
@@ -243,7 +225,7 @@ def mark_only_lora_trainable(model, keep=()):
     for p in model.parameters():
         p.requires_grad_(False)
     for name, m in model.named_modules():
-        if isinstance(m, _LoRALayer):
+        if isinstance(m, LoRALayer):
             for p in (*m.lora_A.parameters(), *m.lora_B.parameters()):
                 p.requires_grad_(True)
         elif name in keep:
@@ -290,7 +272,7 @@ def merge_lora(model):
     wrapped model, and the pruned sparsity. Its parameters come back with requires_grad=True.
     """
     for name, m in list(model.named_modules()):
-        if isinstance(m, _LoRALayer):
+        if isinstance(m, LoRALayer):
             _set_plain_weight(m.base, m.merged_weight())
             _replace(model, name, m.base)
     for m in model.modules():

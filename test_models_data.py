@@ -26,7 +26,7 @@ def test_every_arch_prunes_adapts_and_merges_back_to_its_own_state_dict(arch, ch
     assert wrapped and not any(name.startswith("head") for name in wrapped)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, pl._LoRALayer):
+            if isinstance(m, pl.LoRALayer):
                 m.lora_B.weight.normal_(0, 0.05)
     model.eval()
     expected = model(x)

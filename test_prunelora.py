@@ -33,7 +33,7 @@ def randomize_factors(model, scale=0.1):
     """Nonzero B (and A) so that the LoRA update really changes the output."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, pl._LoRALayer):
+            if isinstance(m, pl.LoRALayer):
                 m.lora_A.weight.normal_(0, scale)
                 m.lora_B.weight.normal_(0, scale)
 
@@ -71,13 +71,13 @@ def test_merged_equals_unmerged(conv, prune_amount):
     unmerged = model(x)
     assert not torch.allclose(unmerged, small_net(**conv)(x))  # the update really does something
     pl.merge_lora(model)
-    assert not any(isinstance(m, pl._LoRALayer) for m in model.modules())
+    assert not any(isinstance(m, pl.LoRALayer) for m in model.modules())
     assert close(model(x), unmerged)
 
 
 def test_linear_layer_merge_alone():
     base = nn.Linear(10, 7)
-    lora = pl.LoRALinear(base, r=2, alpha=4)
+    lora = pl.LoRALayer(base, r=2, alpha=4)
     randomize_factors(nn.Sequential(lora))
     inputs = torch.randn(5, 10)
     expected = base(inputs) + (4 / 2) * inputs @ (lora.lora_B.weight @ lora.lora_A.weight).T  # W + s B A
@@ -101,7 +101,7 @@ def test_pruned_training_path_with_dropout_matches_merged_path_without_it():
 
 def test_grouped_conv_is_refused_clearly():
     with pytest.raises(NotImplementedError, match="groups=4"):
-        pl.LoRAConv2d(nn.Conv2d(8, 8, 3, groups=4), r=2, alpha=2)
+        pl.LoRALayer(nn.Conv2d(8, 8, 3, groups=4), r=2, alpha=2)
 
 # -----------------------------------------------------------------------------
 # pruning and sparsity
@@ -213,7 +213,7 @@ def test_pruned_zeros_stay_zero_through_training():
         loss.backward()
         optimizer.step()
     for m in model.modules():
-        if isinstance(m, pl._LoRALayer):
+        if isinstance(m, pl.LoRALayer):
             assert (m.merged_weight()[m.base.weight_mask == 0] == 0).all()
 
 # -----------------------------------------------------------------------------
@@ -275,7 +275,7 @@ def test_deepcopy_of_a_pruned_wrapped_model():
     clone = copy.deepcopy(model)
     assert torch.equal(clone(x), model(x))
     pl.merge_lora(clone)  # merging the copy leaves the original wrapped
-    assert any(isinstance(m, pl._LoRALayer) for m in model.modules())
+    assert any(isinstance(m, pl.LoRALayer) for m in model.modules())
 
 
 def test_state_dict_round_trip_of_a_pruned_wrapped_model():
