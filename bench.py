@@ -8,6 +8,7 @@ alike; the minimum of several repeats is the least disturbed.
 """
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +49,18 @@ def _prepare(name, model, args):
         adapt(model, args)
 
 
-def time_steps(name, base, x, y, args, steps):
+BENCH_METHODS = ("finetune", "lora", "prunelora")
+
+
+def bench_batch(data, split, args, device):
+    """The one batch every bench step trains on: the first batch_size retained training images."""
+    batch = split["retain"][:args.batch_size].to(device)
+    return make_batch(data, data.train_images, batch), data.train_labels[batch]
+
+
+def time_steps(name, base, x, y, args, steps, after_step=None):
     """`name`'s model built on the base checkpoint, then steps + 3 Adam steps on the batch (x, y):
-    (seconds of each step, trainable parameter count)."""
+    (seconds of each step, trainable parameter count). after_step() is called after each step."""
     device = x.device
     model = fresh_model(base, device)
     _prepare(name, model, args)
@@ -67,6 +77,8 @@ def time_steps(name, base, x, y, args, steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        if after_step is not None:
+            after_step()
     return times, sum(p.numel() for p in params)
 
 
@@ -91,15 +103,39 @@ def peak_memory_mb(name, base, x, y, args):
     return peak / 2**20
 
 
+def profile_steps(name, base, x, y, args, steps, top=8):
+    """Where `name`'s training step spends its time: torch.profiler over `steps` steps after the 3
+    warm-up steps. Prints the `top` operators by self time per step (on CUDA by GPU time, beside
+    their CPU time: there a gap between them is launch overhead) and how many operator calls and
+    kernel launches one step makes."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    cuda = x.is_cuda
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    captured = []  # the profiler clears its events when the active steps end: take them then
+    with warnings.catch_warnings(), torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=0, warmup=3, active=steps),
+                                on_trace_ready=lambda done: captured.append(done.key_averages())) as prof:
+        warnings.filterwarnings("ignore", message=".*Profiler clears events")  # which is why captured is used
+        time_steps(name, base, x, y, args, steps, after_step=prof.step)
+    events = captured[0]
+    device_ms = (lambda e: e.self_device_time_total / 1000 / steps) if cuda else (lambda e: 0.0)
+    cpu_ms = lambda e: e.self_cpu_time_total / 1000 / steps  # noqa: E731
+    ops = [e for e in events if e.key.startswith("aten::")]
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key) / steps
+    print(f"\n{name}: self time per step, over {steps} profiled steps ({'GPU ms, CPU ms' if cuda else 'CPU ms'})")
+    for e in sorted(ops, key=device_ms if cuda else cpu_ms, reverse=True)[:top]:
+        print(f"  {e.key:38s} " + (f"{device_ms(e):7.2f} " if cuda else "") + f"{cpu_ms(e):7.2f}  {e.count / steps:5.0f} calls")
+    print(f"  all operators: {sum(map(device_ms, ops)) if cuda else sum(map(cpu_ms, ops)):.2f} ms, "
+          f"{sum(e.count for e in ops) / steps:.0f} calls" + (f", {launches:.0f} kernel launches" if cuda else ""))
+
+
 def bench_step_times(base, data, split, args, device, steps, memory=False):
     """Seconds per training step on one fixed batch of retained images: full fine-tuning vs LoRA
     (dense base, factored path) vs PruneLoRA (pruned base, masked update), each with Adam. On CUDA,
     and with memory=True on the CPU, also each one's peak training memory in MiB (CUDA's
     max_memory_allocated; peak_memory_mb on the CPU)."""
-    batch = split["retain"][:args.batch_size].to(device)
-    x, y = make_batch(data, data.train_images, batch), data.train_labels[batch]
+    x, y = bench_batch(data, split, args, device)
     rows = {}
-    for name in ("finetune", "lora", "prunelora"):
+    for name in BENCH_METHODS:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -265,15 +265,19 @@ def test_one_base_for_several_seeds_still_gives_each_seed_its_own_retrain(synthe
     assert not torch.equal(*(r["state_dict"]["head.weight"] for r in retrained))
 
 
-def test_bench_steps_prints_step_time_ratios(synthetic_dataset, base_checkpoint, tmp_path):
+def test_bench_steps_prints_step_time_ratios_and_where_each_step_goes(synthetic_dataset, base_checkpoint, tmp_path):
     dataset, data_dir = synthetic_dataset
     result = run("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--base", base_checkpoint, "--arch", "cnn",
-                 "--forget-class", "1", "--bench-steps", "2", "--batch-size", "16", cwd=tmp_path)
+                 "--forget-class", "1", "--bench-steps", "2", "--batch-size", "16", "--bench-profile", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if "ms/step" in line}
     assert set(lines) == {"finetune", "lora", "prunelora"} and "1.00 x finetune" in lines["finetune"]
     peaks = [float(line.split("MiB peak")[0].split()[-1]) for line in lines.values()]
     assert all(peak > 0 for peak in peaks)
+    # --bench-profile: per method, its operators' time and calls per step; LoRA's factors add calls
+    totals = {line.split(":")[0]: line for line in result.stdout.splitlines() if line.endswith("profiled steps (CPU ms)")}
+    calls = [float(line.split(" calls")[0].split()[-1]) for line in result.stdout.splitlines() if "all operators" in line]
+    assert list(totals) == ["finetune", "lora", "prunelora"] and len(calls) == 3 and calls[1] > calls[0] > 0
     assert not (tmp_path / "results").exists()  # a benchmark writes nothing
 
 

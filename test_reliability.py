@@ -447,6 +447,7 @@ MISTAKES = {
     "unlearn-seed-repeated": (U, "{data} --arch cnn --base {base} --forget-class 1 --seed 2 2", "2 2"),
     "unlearn-epochs-repeated": (U, "{data} --arch cnn --base {base} --forget-class 1 --epochs 1 3 1", "1 3 1"),
     "unlearn-epochs-zero": (U, "{data} --arch cnn --base {base} --forget-class 1 --epochs 1 0", "--epochs: 0"),
+    "unlearn-bench-profile-alone": (U, "{data} --arch cnn --base {base} --forget-class 1 --bench-profile", "--bench-steps"),
     "unlearn-forget-share-one": (U, "{data} --arch cnn --base {base} --forget-share 1", "--forget-share: 1.0"),
     "unlearn-forget-share-zero": (U, "{data} --arch cnn --base {base} --forget-share 0", "--forget-share: 0.0"),
     "unlearn-forget-share-empties-a-class": (U, "{data} --arch cnn --base {base} --forget-share 0.999", "class 0"),

@@ -22,7 +22,7 @@ import prunelora as pl
 from baselines import (adapt, finetune_on, prune_forget_salient, relabel_forget_nearest, reset_forget_rows,
                        unlearn_finetune, unlearn_ga, unlearn_hidden, unlearn_lora, unlearn_prune_finetune,
                        unlearn_retrain, unlearn_rl)
-from bench import bench_step_times, inference_time_ratio, print_bench
+from bench import BENCH_METHODS, bench_batch, bench_step_times, inference_time_ratio, print_bench, profile_steps
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
                          fresh_model, model_from_checkpoint, save_checkpoint)
 from cli import ArgumentParser, UserError, fraction, number, pick_device, positive_float, positive_int, run_cli
@@ -140,6 +140,8 @@ def parse_args():
                         "and with retrain in the run a depth score, 0 = hidden, 1 = Retrain (slower)")
     parser.add_argument("--bench-steps", type=positive_int, default=None, metavar="N",
                         help="instead of unlearning, time N training steps of finetune, lora and prunelora on one batch")
+    parser.add_argument("--bench-profile", action="store_true",
+                        help="with --bench-steps: also where each method's step spends its time (torch.profiler)")
     parser.add_argument("--out-dir", default="results", help="where the .json and .md tables go")
     parser.add_argument("--resume", action="store_true",
                         help="several seeds: take the seeds a cut run of the same command finished from its "
@@ -204,6 +206,8 @@ def setup(args):
         if "hidden" in methods and args.method != "all":
             raise UserError("--method hidden masks whole classes; it has no meaning with --forget-share or --forget-index")
         methods = [m for m in methods if m != "hidden"]
+    if args.bench_profile and not args.bench_steps:
+        raise UserError("--bench-profile profiles the --bench-steps steps; give --bench-steps N too")
     check_dataset_name(args.dataset)
     check_arch(args.arch, args.width)
     if len(set(args.epochs)) != len(args.epochs):
@@ -305,6 +309,10 @@ def main():
         base = run.bases[0]
         rows = bench_step_times(base.ckpt, run.data, base.split, args, run.device, args.bench_steps, memory=True)
         print_bench(rows, args, run.device)
+        if args.bench_profile:
+            x, y = bench_batch(run.data, base.split, args, run.device)
+            for name in BENCH_METHODS:
+                profile_steps(name, base.ckpt, x, y, args, args.bench_steps)
         return
     partial, per_seed = run.results.with_suffix(".partial.json"), dict(run.finished)
     for base in (base for base in run.bases if base.seed not in per_seed):
