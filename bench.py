@@ -111,21 +111,25 @@ def profile_steps(name, base, x, y, args, steps, top=8):
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     cuda = x.is_cuda
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    schedule = torch.profiler.schedule(wait=0, warmup=3, active=steps)  # the 3 warm-up steps are not recorded
     captured = []  # the profiler clears its events when the active steps end: take them then
-    with warnings.catch_warnings(), torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=0, warmup=3, active=steps),
-                                on_trace_ready=lambda done: captured.append(done.key_averages())) as prof:
-        warnings.filterwarnings("ignore", message=".*Profiler clears events")  # which is why captured is used
-        time_steps(name, base, x, y, args, steps, after_step=prof.step)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Profiler clears events")  # the reason for `captured`
+        with torch.profiler.profile(activities=activities, schedule=schedule,
+                                    on_trace_ready=lambda done: captured.append(done.key_averages())) as prof:
+            time_steps(name, base, x, y, args, steps, after_step=prof.step)
     events = captured[0]
-    device_ms = (lambda e: e.self_device_time_total / 1000 / steps) if cuda else (lambda e: 0.0)
-    cpu_ms = lambda e: e.self_cpu_time_total / 1000 / steps  # noqa: E731
     ops = [e for e in events if e.key.startswith("aten::")]
+    per_step = {e.key: (e.self_device_time_total / 1000 / steps if cuda else None,
+                        e.self_cpu_time_total / 1000 / steps, e.count / steps) for e in ops}  # ms, ms, calls
+    order = 0 if cuda else 1
     launches = sum(e.count for e in events if "LaunchKernel" in e.key) / steps
     print(f"\n{name}: self time per step, over {steps} profiled steps ({'GPU ms, CPU ms' if cuda else 'CPU ms'})")
-    for e in sorted(ops, key=device_ms if cuda else cpu_ms, reverse=True)[:top]:
-        print(f"  {e.key:38s} " + (f"{device_ms(e):7.2f} " if cuda else "") + f"{cpu_ms(e):7.2f}  {e.count / steps:5.0f} calls")
-    print(f"  all operators: {sum(map(device_ms, ops)) if cuda else sum(map(cpu_ms, ops)):.2f} ms, "
-          f"{sum(e.count for e in ops) / steps:.0f} calls" + (f", {launches:.0f} kernel launches" if cuda else ""))
+    for key, (gpu, cpu, calls) in sorted(per_step.items(), key=lambda item: item[1][order], reverse=True)[:top]:
+        print(f"  {key:38s} " + (f"{gpu:7.2f} " if cuda else "") + f"{cpu:7.2f}  {calls:5.0f} calls")
+    total = sum(times[order] for times in per_step.values())
+    print(f"  all operators: {total:.2f} ms, {sum(t[2] for t in per_step.values()):.0f} calls"
+          + (f", {launches:.0f} kernel launches" if cuda else ""))
 
 
 def bench_step_times(base, data, split, args, device, steps, memory=False):
