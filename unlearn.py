@@ -136,8 +136,8 @@ def parse_args():
                         "so only the low-rank update and the head change; 0: they drift with the retained data, "
                         "as in the paper's code")
     parser.add_argument("--depth", action="store_true",
-                        help="also measure forgetting depth: relearn steps, linear-probe and 10-shot NCM accuracy, "
-                        "and with retrain in the run a depth score, 0 = hidden, 1 = Retrain (slower)")
+                        help="also measure forgetting depth: relearn steps, linear-probe and few-shot NCM accuracy, CKA "
+                        "to the base, and with retrain in the run a depth score, 0 = hidden, 1 = Retrain (slower)")
     parser.add_argument("--bench-steps", type=positive_int, default=None, metavar="N",
                         help="instead of unlearning, time N training steps of finetune, lora and prunelora on one batch")
     parser.add_argument("--bench-profile", action="store_true",
