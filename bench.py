@@ -132,6 +132,13 @@ def profile_steps(name, base, x, y, args, steps, top=8):
           + (f", {launches:.0f} kernel launches" if cuda else ""))
 
 
+def profile_bench(base, data, split, args, device, steps):
+    """profile_steps() for each bench method, on the batch bench_step_times() times."""
+    x, y = bench_batch(data, split, args, device)
+    for name in BENCH_METHODS:
+        profile_steps(name, base, x, y, args, steps)
+
+
 def bench_step_times(base, data, split, args, device, steps, memory=False):
     """Seconds per training step on one fixed batch of retained images: full fine-tuning vs LoRA
     (dense base, factored path) vs PruneLoRA (pruned base, masked update), each with Adam. On CUDA,

@@ -22,7 +22,7 @@ import prunelora as pl
 from baselines import (adapt, finetune_on, prune_forget_salient, relabel_forget_nearest, reset_forget_rows,
                        unlearn_finetune, unlearn_ga, unlearn_hidden, unlearn_lora, unlearn_prune_finetune,
                        unlearn_retrain, unlearn_rl)
-from bench import BENCH_METHODS, bench_batch, bench_step_times, inference_time_ratio, print_bench, profile_steps
+from bench import bench_step_times, inference_time_ratio, print_bench, profile_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
                          fresh_model, model_from_checkpoint, save_checkpoint)
 from cli import ArgumentParser, UserError, fraction, number, pick_device, positive_float, positive_int, run_cli
@@ -310,9 +310,7 @@ def main():
         rows = bench_step_times(base.ckpt, run.data, base.split, args, run.device, args.bench_steps, memory=True)
         print_bench(rows, args, run.device)
         if args.bench_profile:
-            x, y = bench_batch(run.data, base.split, args, run.device)
-            for name in BENCH_METHODS:
-                profile_steps(name, base.ckpt, x, y, args, args.bench_steps)
+            profile_bench(base.ckpt, run.data, base.split, args, run.device, args.bench_steps)
         return
     partial, per_seed = run.results.with_suffix(".partial.json"), dict(run.finished)
     for base in (base for base in run.bases if base.seed not in per_seed):
