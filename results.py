@@ -8,7 +8,7 @@ import json
 
 from checkpoints import save_text
 from cli import UserError
-from depth import separation, separation_table
+from depth import add_depth_scores, separation, separation_table
 from evaluate import NEAR_CHANCE, markdown_table, near_chance, summarize, time_to_target, time_to_target_table
 
 NO_EPOCHS = ("retrain", "hidden")  # run once whatever --epochs says: Retrain trains as the base did
@@ -21,8 +21,10 @@ def method_runs(methods, epochs):
 
 
 def run_settings(args):
-    """What the results record of the command, and what --resume must find unchanged."""
-    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ("base_ckpt", "resume")}))
+    """What the results record of the command, and what --resume must find unchanged. --bench-profile
+    only prints, so a run cut before it existed, or resumed with or without it, still matches."""
+    skip = ("base_ckpt", "resume", "bench_profile")
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in skip}))
 
 
 def save_partial(per_seed, args, partial):
@@ -45,7 +47,9 @@ def finished_seeds(partial, args):
             raise UserError(f"--resume: {partial} was started with {key}={earlier.get(key)!r}, not {value!r}; "
                             "use the same settings or run without --resume")
     print(f"--resume: seeds {', '.join(map(str, per_seed))} finished earlier, taken from {partial}", flush=True)
-    return per_seed
+    # scored again from their raw measures: a seed finished by an older version of this code must sit
+    # on the same depth scale as the seeds run now, or their mean mixes two scales
+    return {seed: add_depth_scores(rows) for seed, rows in per_seed.items()}
 
 
 def report(per_seed, run, args):

@@ -12,6 +12,7 @@ import torch
 
 import baselines
 import prunelora as pl
+import results
 import unlearn
 from checkpoints import default_checkpoint, load_checkpoint
 from cli import UserError
@@ -394,3 +395,16 @@ def test_a_dataset_that_cannot_be_downloaded_is_one_clear_error_and_leaves_no_fo
     with pytest.raises(UserError, match="could not be downloaded.*--data-dir.*folder:PATH"):
         load_dataset("mnist", tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+def test_resume_rescores_finished_seeds_on_todays_depth_scale_and_ignores_print_only_options(tmp_path):
+    """A seed finished by older code (its depth_score read on another measure, no --bench-profile in its
+    settings) is taken on resume, and its score is read again from its raw measures."""
+    partial = tmp_path / "run.partial.json"
+    stale = {"base": {"ncm_acc_50": 40.0}, "retrain": {"ncm_acc_50": 20.0},
+             "prunelora": {"ncm_acc_50": 35.0, "ncm_acc": 30.0, "depth_score": 0.9}}
+    partial.write_text(json.dumps({"settings": {"dataset": "x", "lr": 0.001}, "per_seed": {"0": stale}}))
+    args = argparse.Namespace(dataset="x", lr=0.001, bench_profile=True, resume=True)
+    rows = results.finished_seeds(partial, args)[0]
+    assert rows["prunelora"]["depth_score"] == pytest.approx(0.25)  # (40 - 35) / (40 - 20)
+    assert rows["prunelora"]["depth_measure"] == "ncm_acc_50"
