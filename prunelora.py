@@ -70,14 +70,11 @@ def _effective_weight(layer):
 
 
 def _detach_pruned_weight(layer, wrapped=False):
-    # prune leaves layer.weight = weight_orig * mask with a grad_fn, which copy.deepcopy refuses;
-    # its hook recomputes it at every forward anyway. A LoRA wrapper never reads it (it builds
-    # M * (W + s B A) itself), so there the weight-sized copy is dropped.
-    if _mask(layer) is None:
-        return
-    if wrapped:
+    # prune leaves layer.weight = weight_orig * mask with a grad_fn, which copy.deepcopy refuses (its
+    # hook recomputes it at every forward anyway); a LoRA wrapper never reads it, so there it goes
+    if _mask(layer) is not None and wrapped:
         layer.__dict__.pop("weight", None)
-    else:
+    elif _mask(layer) is not None:
         with torch.no_grad():
             layer.weight = layer.weight_orig * layer.weight_mask
 
@@ -235,10 +232,9 @@ def mark_only_lora_trainable(model, keep=()):
 
 
 def freeze_batchnorm(model):
-    """Put every BatchNorm in eval mode; call it after each model.train(). Freezing parameters does
-    not freeze BatchNorm's running statistics: in train mode each batch still moves them. In eval
-    mode the layers normalise with the base model's statistics and never update them, so the
-    merged model's BatchNorm buffers are the base's, bit for bit."""
+    """Every BatchNorm in eval mode; call it after each model.train(). Frozen parameters do not freeze
+    the running statistics (each train-mode batch moves them); in eval mode the merged model keeps
+    the base's BatchNorm buffers bit for bit."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
