@@ -156,7 +156,8 @@ def unlearn_retrain(model, data, split, args):
     training Retrain twice; any other file at that path is trained over, as train.py would."""
     retrain_args = dict(args.base_ckpt["args"], seed=args.seed, exclude_class=list(args.forget_class),
                         exclude_index=args.forget_index)
-    out = default_checkpoint(data.name, args.arch, [args.forget_name], retrain_args.get("width"), retrain_args["seed"])
+    out = default_checkpoint(data.name, args.arch, [args.forget_name], retrain_args.get("width"), retrain_args["seed"],
+                             retrain_args.get("train_limit"))
     try:
         previous = load_checkpoint(out) if out.is_file() else None
     except UserError:  # not a checkpoint we can read: trained over

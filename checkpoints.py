@@ -109,12 +109,15 @@ def checkpoint_dict(model, data, arch, args, width=None, **extra):
                 state_dict={k: v.cpu() for k, v in model.state_dict().items()}, args=args, **extra)
 
 
-def default_checkpoint(dataset, arch, exclude=(), width=None, seed=0):
-    """checkpoints/<dataset>-<arch>[-w<width>][-seed<S>][-without<K>].pt: the width only when not the
-    standard one, the seed only when not 0 (so each seed of a comparison has its own base and Retrain)."""
+def default_checkpoint(dataset, arch, exclude=(), width=None, seed=0, train_limit=None):
+    """checkpoints/<dataset>-<arch>[-w<width>][-n<N>][-seed<S>][-without<K>].pt: the width only when
+    not the standard one, n<N> for a --train-limit N run (so a run on all images never picks up, or
+    trains over, a model of N images), the seed only when not 0 (each seed its own base and Retrain)."""
     name = f"folder-{Path(dataset[len('folder:'):]).resolve().name}" if dataset.startswith("folder:") else dataset
     if width is not None and width != ARCHS[arch][1]:
         arch = f"{arch}-w{width}"
+    if train_limit is not None:
+        arch = f"{arch}-n{train_limit}"
     suffix = (f"-seed{seed}" if seed else "") + (f"-without{'-'.join(map(str, exclude))}" if exclude else "")
     return Path("checkpoints") / f"{name}-{arch}{suffix}.pt"
 

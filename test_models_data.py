@@ -99,6 +99,9 @@ def test_the_width_travels_in_the_checkpoint_and_names_it(synthetic_dataset):
     assert checkpoints.default_checkpoint("cifar10", "resnet18", width=64).name == "cifar10-resnet18.pt"
     assert checkpoints.default_checkpoint("cifar10", "resnet18", (3,), 16).name == "cifar10-resnet18-w16-without3.pt"
     assert checkpoints.default_checkpoint("cifar10", "cnn", (3,), seed=2).name == "cifar10-cnn-seed2-without3.pt"
+    # a --train-limit run has its own name, so a run on all images never reuses or overwrites it
+    assert checkpoints.default_checkpoint("cifar10", "cnn", (3,), seed=2, train_limit=100).name == \
+        "cifar10-cnn-n100-seed2-without3.pt"
 
 
 def test_channels_last_gives_the_same_outputs():

@@ -461,6 +461,8 @@ MISTAKES = {
     "unlearn-forget-nothing-named": (U, "{data} --arch cnn --base {base}", "--forget-class"),
     "unlearn-depth-of-a-random-sample": (U, "{data} --arch cnn --base {base} --forget-share 0.1 --depth", "--depth"),
     "unlearn-width-other-than-the-base": (U, "{data} --arch cnn --base {base} --forget-class 1 --width 8", "--width 8"),
+    "unlearn-train-limit-other-than-the-base": (U, "{data} --arch cnn --base {base} --forget-class 1 --train-limit 7",
+                                                "--train-limit 7"),
     "train-unwritable-out": (T, "{data} --arch cnn --out {tmp}/somefile/x.pt", "{tmp}/somefile"),
     "unlearn-class-out-of-range": (U, "{data} --arch cnn --base {base} --forget-class 4", "--forget-class 4"),
     "unlearn-class-repeated": (U, "{data} --arch cnn --base {base} --forget-class 1 1", "1 1"),

@@ -231,12 +231,13 @@ def main():
     add_train_args(parser)
     parser.add_argument("--exclude-class", type=int, nargs="+", default=[], metavar="K",
                         help="train without these classes (the Retrain baseline)")
-    parser.add_argument("--out", default=None, help="checkpoint path (default checkpoints/<dataset>-<arch>[-w<width>].pt)")
+    parser.add_argument("--out", default=None, help="checkpoint path (default checkpoints/<dataset>-<arch>[-w<W>][-n<N>][-seed<S>].pt)")
     parser.add_argument("--resume", action="store_true", help="continue --out from its last complete epoch")
     args = parser.parse_args()
     check_dataset_name(args.dataset)
     check_arch(args.arch, args.width)  # unknown arch, or a width it has not: fail before loading any data
-    args.out = str(args.out or default_checkpoint(args.dataset, args.arch, args.exclude_class, args.width, args.seed))
+    args.out = str(args.out or default_checkpoint(args.dataset, args.arch, args.exclude_class, args.width, args.seed,
+                                                       args.train_limit))
     check_writable(args.out)
     device = pick_device(args.device)
     data = load_dataset(args.dataset, args.data_dir)

@@ -108,7 +108,7 @@ def parse_args():
     parser.add_argument("--method", default="prunelora", help=f"{', '.join(METHODS)}, a comma list, or all")
     add_data_args(parser, many_seeds=True)
     parser.add_argument("--base", default=None,
-                        help="base checkpoint for every seed (default checkpoints/<dataset>-<arch>[-seed<S>].pt, one per seed)")
+                        help="base checkpoint for every seed (default checkpoints/<dataset>-<arch>[-w<W>][-n<N>][-seed<S>].pt, one per seed)")
     parser.add_argument("--epochs", type=positive_int, nargs="+", default=[5], metavar="E",
                         help="unlearning epochs (the paper's 5); several (e.g. 1 2 3 5): each method once per count, "
                         "and a table of the fewest epochs after which each meets the targets")
@@ -157,7 +157,7 @@ class Base:
     ckpt: dict            # the base checkpoint (None until trained, where it was missing)
     path: Path
     split: dict = None    # train / retain / forget: training-image indices
-    tag: str = ""         # <dataset>-<arch>[-w<width>][-seed<S>]-forget<K>: names its unlearned checkpoints
+    tag: str = ""         # <dataset>-<arch>[-w<W>][-n<N>][-seed<S>]-forget<K>: names its unlearned checkpoints
     forget_index: list = None  # random-sample forgetting: the forget images (None: whole classes)
     forget_name: str = ""      # names its Retrain checkpoint: the classes, or <n>images-<hash> of a sample
 
@@ -183,6 +183,11 @@ def check_base(path, args):
     if args.width is not None and check_arch(args.arch, ckpt.get("width")) != args.width:
         raise UserError(f"--width {args.width} does not match base checkpoint {path}, whose width is "
                         f"{check_arch(args.arch, ckpt.get('width'))}; leave --width out or pass another --base")
+    limit = ckpt.get("args", {}).get("train_limit")
+    if args.train_limit is not None and limit != args.train_limit:
+        raise UserError(f"--train-limit {args.train_limit} does not match base checkpoint {path}, trained on "
+                        f"{'all training images' if limit is None else f'--train-limit {limit}'}; "
+                        "leave --train-limit out or pass another --base")
     return ckpt
 
 
@@ -218,7 +223,8 @@ def setup(args):
     device = pick_device(args.device)
     bases = []
     for seed in args.seed:
-        path = Path(args.base or default_checkpoint(args.dataset, args.arch, width=args.width, seed=seed))
+        path = Path(args.base or default_checkpoint(args.dataset, args.arch, width=args.width, seed=seed,
+                                                    train_limit=args.train_limit))
         bases.append(Base(seed, check_base(path, args), path))
     data = load_dataset(args.dataset, args.data_dir)
     for base in bases:
@@ -228,15 +234,17 @@ def setup(args):
     forget = forget_tag(args.forget_class, args.forget_share, args.forget_index_file)
     for base in bases:
         width = check_arch(args.arch, base.ckpt.get("width") if base.ckpt is not None else args.width)
-        base.tag = f"{default_checkpoint(args.dataset, args.arch, width=width, seed=base.seed).stem}-{forget}"
         train_limit = base.ckpt["args"].get("train_limit") if base.ckpt is not None else args.train_limit
+        stem = default_checkpoint(args.dataset, args.arch, width=width, seed=base.seed, train_limit=train_limit).stem
+        base.tag = f"{stem}-{forget}"
         base.split, base.forget_index, base.forget_name = forget_split(
             data, training_index(data, (), train_limit), args.forget_class, args.forget_share, args.forget_index_file,
             base.seed)
     if len(bases) == 1:
         name = bases[0].tag
-    else:  # one file for all seeds: <dataset>-<arch>[-w<width>]-forget<K>-seeds<S>-<S>...
-        name = f"{default_checkpoint(args.dataset, args.arch, width=width).stem}-{forget}-seeds{'-'.join(map(str, args.seed))}"
+    else:  # one file for all seeds: <dataset>-<arch>[-w<W>][-n<N>]-forget<K>-seeds<S>-<S>...
+        name = (f"{default_checkpoint(args.dataset, args.arch, width=width, train_limit=train_limit).stem}-{forget}"
+                f"-seeds{'-'.join(map(str, args.seed))}")
     results = Path(args.out_dir) / f"{name}.json"
     for path in (results, results.with_suffix(".md"), Path("checkpoints/unlearned") / f"{bases[0].tag}.pt",
                  *(base.path for base in bases)):
