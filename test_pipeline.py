@@ -377,7 +377,7 @@ def test_prunelora_forgets_a_fashion_mnist_class_and_keeps_the_rest(tmp_path):
     result = run("unlearn.py", *common, "--forget-class", "3", "--method", "prunelora", "--base-epochs", "6",
                  "--base-batch-size", "128", "--base-lr", "0.1", "--epochs", "5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    rows = json.loads((tmp_path / "results" / "fashion-mnist-cnn-forget3.json").read_text())["results"]
+    rows = json.loads((tmp_path / "results" / "fashion-mnist-cnn-n3000-forget3.json").read_text())["results"]
     assert rows["prunelora"]["UA"] >= 99
     assert rows["prunelora"]["RA"] >= rows["base"]["RA"] - 5
 

@@ -263,7 +263,7 @@ def kill_unlearn_at(moment, folder, data_args, base):
     """Start unlearn.py over a previous results JSON and SIGKILL it while it saves (moment)."""
     results = folder / "results"
     results.mkdir(parents=True)
-    json_path = results / "folder-images-cnn-forget1.json"
+    json_path = results / "folder-images-cnn-n64-forget1.json"  # -n64: the base fixture's --train-limit
     previous = json.dumps({"results": {"from": "an earlier run"}}).encode()
     json_path.write_bytes(previous)
     methods = folder / "checkpoints" / "unlearned"
@@ -377,7 +377,7 @@ def test_the_same_unlearn_command_and_seed_gives_the_same_metrics_and_weights(tm
     tables, weights = [], []
     for folder, result in zip(folders, together(*[lambda f=f: unlearn(f) for f in folders])):
         assert result.returncode == 0, result.stderr
-        rows = json.loads((folder / "results" / "folder-images-cnn-seed3-forget1.json").read_text())["results"]
+        rows = json.loads((folder / "results" / "folder-images-cnn-n64-seed3-forget1.json").read_text())["results"]
         tables.append({m: {k: v for k, v in row.items() if k not in TIMING_KEYS} for m, row in rows.items()})
         weights.append({p.name: torch.load(p, weights_only=True)["state_dict"]
                         for p in sorted((folder / "checkpoints" / "unlearned").glob("*.pt"))})
