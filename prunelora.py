@@ -70,11 +70,14 @@ def _effective_weight(layer):
 
 
 def _detach_pruned_weight(layer, wrapped=False):
-    # prune leaves layer.weight = weight_orig * mask with a grad_fn, which copy.deepcopy refuses (its
-    # hook recomputes it at every forward anyway); a LoRA wrapper never reads it, so there it goes
-    if _mask(layer) is not None and wrapped:
+    # prune leaves layer.weight = weight_orig * mask with a grad_fn, which copy.deepcopy refuses;
+    # its hook recomputes it at every forward anyway. A LoRA wrapper never reads it (it builds
+    # M * (W + s B A) itself), so there the weight-sized copy is dropped.
+    if _mask(layer) is None:
+        return
+    if wrapped:
         layer.__dict__.pop("weight", None)
-    elif _mask(layer) is not None:
+    else:
         with torch.no_grad():
             layer.weight = layer.weight_orig * layer.weight_mask
 
