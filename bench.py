@@ -3,8 +3,9 @@ fine-tuning, LoRA and PruneLoRA on one batch, and a model's inference time again
 
     python unlearn.py --forget-class 3 --bench-steps 20     # prints step times, their ratios, peak memory
 
-Every figure is a ratio of runs made back to back, so that other load on the machine affects both
-alike; the minimum of several repeats is the least disturbed.
+Every figure is a ratio of runs made in turn (a step of each method, then the next round; a pass of
+each model), so that other load on the machine affects all alike; the fastest of several repeats
+is the least disturbed.
 """
 import os
 import time
@@ -58,17 +59,16 @@ def bench_batch(data, split, args, device):
     return make_batch(data, data.train_images, batch), data.train_labels[batch]
 
 
-def time_steps(name, base, x, y, args, steps, after_step=None):
-    """`name`'s model built on the base checkpoint, then steps + 3 Adam steps on the batch (x, y):
-    (seconds of each step, trainable parameter count). after_step() is called after each step."""
+def trainer(name, base, x, y, args):
+    """`name`'s model built on the base checkpoint and a function doing one Adam step of it on the
+    batch (x, y): (step, trainable parameter count)."""
     device = x.device
     model = fresh_model(base, device)
     _prepare(name, model, args)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-9)  # a tiny step: the timing, not the weights, matters
-    times = []
-    for _ in range(steps + 3):  # 3 warm-up steps
-        start = time.perf_counter()
+
+    def step():
         with autocast(device):
             loss = F.cross_entropy(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -76,10 +76,23 @@ def time_steps(name, base, x, y, args, steps, after_step=None):
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    return step, sum(p.numel() for p in params)
+
+
+def time_steps(names, base, x, y, args, steps, after_step=None):
+    """steps + 3 timed Adam steps of each named method's model, taken in turn (one step of each,
+    then the next round) so that a burst of other work on the machine slows all of them alike:
+    ({name: seconds of each step}, {name: trainable parameter count}). after_step() runs after each round."""
+    trainers = {name: trainer(name, base, x, y, args) for name in names}
+    times = {name: [] for name in names}
+    for _ in range(steps + 3):  # the first 3 rounds warm up
+        for name, (step, _) in trainers.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
         if after_step is not None:
             after_step()
-    return times, sum(p.numel() for p in params)
+    return times, {name: trainable for name, (_, trainable) in trainers.items()}
 
 
 def peak_memory_mb(name, base, x, y, args):
@@ -90,7 +103,7 @@ def peak_memory_mb(name, base, x, y, args):
     library code paged in and memory freed earlier but kept by malloc."""
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "gpuGetDeviceCount failed" line on a machine without a GPU
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        time_steps(name, base, x, y, args, steps=0)
+        time_steps([name], base, x, y, args, steps=0)
     try:  # kineto_results is not public API: where a torch release lacks it, no CPU figure rather than a crash
         events = prof.profiler.kineto_results.events()
     except AttributeError:
@@ -117,7 +130,7 @@ def profile_steps(name, base, x, y, args, steps, top=8):
         warnings.filterwarnings("ignore", message=".*Profiler clears events")  # the reason for `captured`
         with torch.profiler.profile(activities=activities, schedule=schedule,
                                     on_trace_ready=lambda done: captured.append(done.key_averages())) as prof:
-            time_steps(name, base, x, y, args, steps, after_step=prof.step)
+            time_steps([name], base, x, y, args, steps, after_step=prof.step)
     events = captured[0]
     ops = [e for e in events if e.key.startswith("aten::")]
     per_step = {e.key: (e.self_device_time_total / 1000 / steps if cuda else None,
@@ -141,29 +154,31 @@ def profile_bench(base, data, split, args, device, steps):
 
 def bench_step_times(base, data, split, args, device, steps, memory=False):
     """Seconds per training step on one fixed batch of retained images: full fine-tuning vs LoRA
-    (dense base, factored path) vs PruneLoRA (pruned base, masked update), each with Adam. On CUDA,
+    (dense base, factored path) vs PruneLoRA (pruned base, masked update), each with Adam, their steps
+    taken in turn (time_steps); the fastest of each method's steps counts. On CUDA,
     and with memory=True on the CPU, also each one's peak training memory in MiB (CUDA's
     max_memory_allocated; peak_memory_mb on the CPU)."""
     x, y = bench_batch(data, split, args, device)
-    rows = {}
-    for name in BENCH_METHODS:
+    times, trainable = time_steps(BENCH_METHODS, base, x, y, args, steps)
+    rows = {name: dict(step_ms=1000 * min(times[name][3:]), trainable_params=trainable[name]) for name in BENCH_METHODS}
+    for name in BENCH_METHODS:  # memory in runs of their own: one method's model at a time, no timing
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             held = torch.cuda.memory_allocated()  # the dataset and the batch: not the setup's
-        times, trainable = time_steps(name, base, x, y, args, steps)
-        peak = ((torch.cuda.max_memory_allocated() - held) / 2**20 if device.type == "cuda" else
-                peak_memory_mb(name, base, x, y, args) if memory else None)  # a separate run: profiling slows steps
-        rows[name] = dict(step_ms=1000 * min(times[3:]), trainable_params=trainable)
-        if peak is not None:
-            rows[name]["peak_memory_mb"] = peak
+            time_steps([name], base, x, y, args, steps=0)
+            rows[name]["peak_memory_mb"] = (torch.cuda.max_memory_allocated() - held) / 2**20
+        elif memory:
+            peak = peak_memory_mb(name, base, x, y, args)
+            if peak is not None:
+                rows[name]["peak_memory_mb"] = peak
     for row in rows.values():
         row["step_time_vs_finetune"] = row["step_ms"] / rows["finetune"]["step_ms"]
     return rows
 
 
 def print_bench(rows, args, device):
-    print(f"\nbatch of {args.batch_size} on {device}, fastest of {args.bench_steps} steps after 3 warm-up steps:")
+    print(f"\nbatch of {args.batch_size} on {device}, fastest of {args.bench_steps} steps each, taken in turn after 3 warm-up rounds:")
     for name, row in rows.items():
         print(f"  {name:10s} {row['step_ms']:8.1f} ms/step  {row['step_time_vs_finetune']:.2f} x finetune  "
               f"{row['trainable_params']:,} trainable" + (f"  {row['peak_memory_mb']:.0f} MiB peak" if "peak_memory_mb" in row else ""))
