@@ -60,11 +60,14 @@ def bench_batch(data, split, args, device):
 
 
 def trainer(name, base, x, y, args):
-    """`name`'s model built on the base checkpoint and a function doing one Adam step of it on the
-    batch (x, y): (step, trainable parameter count)."""
+    """`name`'s model built on the base checkpoint, in the mode unlearning trains it in, and a function
+    doing one Adam step of it on the batch (x, y): (step, trainable parameter count)."""
     device = x.device
     model = fresh_model(base, device)
     _prepare(name, model, args)
+    model.train()
+    if name != "finetune" and args.freeze_bn:  # as unlearning trains the low-rank methods: BatchNorm frozen,
+        pl.freeze_batchnorm(model)             # which saves its batch statistics and their backward pass
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-9)  # a tiny step: the timing, not the weights, matters
 
