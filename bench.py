@@ -61,7 +61,7 @@ def bench_batch(data, split, args, device):
 
 def trainer(name, base, x, y, args):
     """`name`'s model built on the base checkpoint, in the mode unlearning trains it in, and a function
-    doing one Adam step of it on the batch (x, y): (step, trainable parameter count)."""
+    doing one Adam step of it on the batch (x, y): (model, step)."""
     device = x.device
     model = fresh_model(base, device)
     _prepare(name, model, args)
@@ -79,7 +79,7 @@ def trainer(name, base, x, y, args):
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return step, sum(p.numel() for p in params)
+    return model, step
 
 
 def time_steps(names, base, x, y, args, steps, after_step=None):
@@ -96,7 +96,7 @@ def time_steps(names, base, x, y, args, steps, after_step=None):
     for number, order in enumerate(blocks):
         timed = steps // len(blocks) + (number < steps % len(blocks))  # this block's share of the steps
         for name in order:
-            step = trainers[name][0]
+            step = trainers[name][1]
             for i in range(3 + timed):
                 start = time.perf_counter()
                 step()
@@ -104,7 +104,8 @@ def time_steps(names, base, x, y, args, steps, after_step=None):
                     times[name].append(time.perf_counter() - start)
                 if after_step is not None:
                     after_step()
-    return times, {name: trainable for name, (_, trainable) in trainers.items()}
+    return times, {name: sum(p.numel() for p in model.parameters() if p.requires_grad)
+                   for name, (model, _) in trainers.items()}
 
 
 def peak_memory_mb(name, base, x, y, args):

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import baselines
+import bench
 import prunelora as pl
 import results
 import unlearn
-from checkpoints import default_checkpoint, load_checkpoint
+from checkpoints import checkpoint_dict, default_checkpoint, load_checkpoint
 from cli import UserError
-from data import Data, load_dataset, predict, training_index
+from data import Data, load_dataset, make_batch, predict, training_index
 from models import build_model
 from evaluate import (attack_accuracy, fit_threshold, gaps_to_retrain, meets_targets, mia_efficacy, near_chance,
                       unlearning_metrics)
@@ -280,6 +281,27 @@ def test_bench_steps_prints_step_time_ratios_and_where_each_step_goes(synthetic_
     calls = [float(line.split(" calls")[0].split()[-1]) for line in result.stdout.splitlines() if "all operators" in line]
     assert list(totals) == ["finetune", "lora", "prunelora"] and len(calls) == 3 and calls[1] > calls[0] > 0
     assert not (tmp_path / "results").exists()  # a benchmark writes nothing
+
+
+def test_the_bench_times_each_model_in_the_mode_unlearning_trains_it_in(synthetic_dataset):
+    """With --freeze-bn 1 (the default) unlearning trains LoRA and PruneLoRA with BatchNorm frozen and
+    fine-tuning with it in train mode; a bench step in another mode would time another computation."""
+    dataset, data_dir = synthetic_dataset
+    data = load_dataset(dataset, data_dir)
+    model = build_model("cnn", data.train_images.shape[1], data.num_classes)
+    base = checkpoint_dict(model, data, "cnn", {})
+    batch = torch.arange(4)
+    x, y = make_batch(data, data.train_images, batch), data.train_labels[batch]
+    for freeze_bn in (1, 0):
+        args = argparse.Namespace(prune_amount=0.5, rank=2, alpha=4, lora_dropout=0.0, freeze_bn=freeze_bn)
+        for name in bench.BENCH_METHODS:
+            model, step = bench.trainer(name, base, x, y, args)
+            norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            before = [m.running_mean.clone() for m in norms]
+            step()
+            frozen = bool(freeze_bn) and name != "finetune"
+            assert all(m.training != frozen for m in norms), (name, freeze_bn)
+            assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before)) == frozen, (name, freeze_bn)
 
 
 def test_unlearn_trains_a_base_model_when_there_is_none(synthetic_dataset, tmp_path):
