@@ -87,9 +87,9 @@ def time_steps(names, base, x, y, args, steps, after_step=None):
     parameter count}). A model's steps run back to back, as in training, after 3 untimed warm-up
     steps. Several models run in two blocks, in order and then in reverse (A B C, C B A), the steps
     split between them: a burst of other work on the machine must then hit both of a model's blocks
-    to move its fastest step. (Single steps in turn measured cold steps instead: they put PruneLoRA
-    on ResNet-18 at 1.03-1.33x fine-tuning, back-to-back steps at 0.84-0.94x.) after_step() runs
-    after every step."""
+    to move its fastest step. Blocks rather than single steps in turn: training runs a model's steps
+    back to back, and a step just after another model's would start on that model's caches.
+    after_step() runs after every step."""
     trainers = {name: trainer(name, base, x, y, args) for name in names}
     blocks = [list(names)] if len(names) == 1 else [list(names), list(names)[::-1]]
     times = {name: [] for name in names}
