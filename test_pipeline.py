@@ -288,8 +288,7 @@ def test_the_bench_times_each_model_in_the_mode_unlearning_trains_it_in(syntheti
     fine-tuning with it in train mode; a bench step in another mode would time another computation."""
     dataset, data_dir = synthetic_dataset
     data = load_dataset(dataset, data_dir)
-    model = build_model("cnn", data.train_images.shape[1], data.num_classes)
-    base = checkpoint_dict(model, data, "cnn", {})
+    base = checkpoint_dict(build_model("cnn", data.train_images.shape[1], data.num_classes), data, "cnn", {})
     batch = torch.arange(4)
     x, y = make_batch(data, data.train_images, batch), data.train_labels[batch]
     for freeze_bn in (1, 0):
