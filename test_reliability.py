@@ -293,7 +293,9 @@ def test_unlearn_killed_while_saving_leaves_results_and_checkpoints_whole(tmp_pa
 
 
 def test_resume_after_a_kill_gives_bitwise_the_same_model_as_an_uninterrupted_run(tmp_path, data_args):
-    """Train 3 epochs straight; and train, kill -9 after the first checkpoint, --resume: same tensors."""
+    """Train 3 epochs straight; and train, kill -9 after the first checkpoint, --resume: same tensors.
+    The resume is the command unlearn.py prints for the cut base, as printed: --resume --out and the data
+    folder, every other setting taken from the checkpoint."""
     args = [*data_args, "--arch", "cnn", "--epochs", 3, "--batch-size", 8, "--train-limit", 32, "--lr", 0.05,
             "--seed", 5]
     straight, interrupted = tmp_path / "straight.pt", tmp_path / "interrupted.pt"
@@ -305,7 +307,11 @@ def test_resume_after_a_kill_gives_bitwise_the_same_model_as_an_uninterrupted_ru
     assert result.returncode == 0, result.stderr
     partial = torch.load(interrupted, weights_only=True)
     assert not partial["complete"] and 1 <= partial["epochs_done"] < 3  # it really was cut short
-    resumed = run("train", *args, "--resume", "--out", interrupted, cwd=tmp_path)
+    refused = run("unlearn", *data_args, "--arch", "cnn", "--base", interrupted, "--forget-class", 1, cwd=tmp_path)
+    assert refused.returncode == 2 and "is unfinished" in refused.stderr, refused.stderr
+    advice = re.search(r"'python train\.py (.*)'", refused.stderr).group(1).split()
+    assert "--arch" not in advice and "--epochs" not in advice  # no setting but where the data is
+    resumed = run("train", *advice, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"after epoch {partial['epochs_done']}" in resumed.stdout
 

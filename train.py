@@ -121,6 +121,16 @@ RUN_KEYS = ("dataset", "arch", "width", "epochs", "batch_size", "lr", "momentum"
             "exclude_class", "train_limit", "exclude_index")
 
 
+def resume_settings(path):
+    """The run settings stored in the checkpoint at path, so that 'train.py --resume --out PATH' needs
+    no other option; {} where it cannot be read (train() then says why in one line)."""
+    try:
+        ckpt = load_checkpoint(path)
+    except UserError:
+        return {}
+    return {key: value for key, value in ckpt.get("args", {}).items() if key in RUN_KEYS}
+
+
 def train(args, data, device, log=print):
     """Train args.arch on data (already on device) and save args.out; returns the checkpoint dict."""
     out = Path(args.out)
@@ -232,8 +242,12 @@ def main():
     parser.add_argument("--exclude-class", type=int, nargs="+", default=[], metavar="K",
                         help="train without these classes (the Retrain baseline)")
     parser.add_argument("--out", default=None, help="checkpoint path (default checkpoints/<dataset>-<arch>[-w<W>][-n<N>][-seed<S>].pt)")
-    parser.add_argument("--resume", action="store_true", help="continue --out from its last complete epoch")
+    parser.add_argument("--resume", action="store_true", help="continue --out from its last complete epoch, with the settings it was started with "
+                        "(an option given here must match them)")
     args = parser.parse_args()
+    if args.resume and args.out:  # options left off the command line take the cut run's values
+        parser.set_defaults(**resume_settings(args.out))
+        args = parser.parse_args()
     check_dataset_name(args.dataset)
     check_arch(args.arch, args.width)  # unknown arch, or a width it has not: fail before loading any data
     args.out = str(args.out or default_checkpoint(args.dataset, args.arch, args.exclude_class, args.width, args.seed,
