@@ -242,7 +242,8 @@ def main():
     parser.add_argument("--exclude-class", type=int, nargs="+", default=[], metavar="K",
                         help="train without these classes (the Retrain baseline)")
     parser.add_argument("--out", default=None, help="checkpoint path (default checkpoints/<dataset>-<arch>[-w<W>][-n<N>][-seed<S>].pt)")
-    parser.add_argument("--resume", action="store_true", help="continue --out from its last complete epoch, with the settings it was started with "
+    parser.add_argument("--resume", action="store_true",
+                        help="continue --out from its last complete epoch, with the settings it was started with "
                         "(an option given here must match them)")
     args = parser.parse_args()
     if args.resume and args.out:  # options left off the command line take the cut run's values
