@@ -179,9 +179,8 @@ def check_base(path, args):
         return None
     ckpt = load_checkpoint(path, args.dataset, args.arch)
     if not ckpt.get("complete", True):
-        data_dir = "" if args.data_dir == "data" else f" --data-dir {args.data_dir}"
         raise UserError(f"base checkpoint {path} is unfinished; finish it with "
-                        f"'python train.py{data_dir} --resume --out {path}'")
+                        f"'python train.py --data-dir {args.data_dir} --resume --out {path}'")
     if args.width is not None and check_arch(args.arch, ckpt.get("width")) != args.width:
         raise UserError(f"--width {args.width} does not match base checkpoint {path}, whose width is "
                         f"{check_arch(args.arch, ckpt.get('width'))}; leave --width out or pass another --base")
