@@ -209,7 +209,7 @@ def test_command_line_prints_depth_columns(models, synthetic_dataset):
     _, _, checkpoint = models
     result = subprocess.run([sys.executable, "evaluate.py", str(checkpoint), "--forget-class", "3", "--depth",
                              "--data-dir", data_dir, "--device", "cpu"],
-                            capture_output=True, text=True, cwd=Path(__file__).parent, timeout=120)
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
     assert result.returncode == 0, result.stderr
     header, _, row = result.stdout.strip().splitlines()[-3:]
     titles = [c.strip() for c in header.strip("|").split("|")]

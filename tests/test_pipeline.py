@@ -22,7 +22,7 @@ from models import build_model
 from evaluate import (attack_accuracy, fit_threshold, gaps_to_retrain, meets_targets, mia_efficacy, near_chance,
                       unlearning_metrics)
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root, where the scripts are
 FAST_BASE = ["--arch", "cnn", "--base-epochs", "2", "--base-batch-size", "32", "--base-lr", "0.05"]
 FAST_UNLEARN = ["--epochs", "1", "--batch-size", "32"]
 

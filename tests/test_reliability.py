@@ -30,7 +30,7 @@ import checkpoints
 import cli
 import models
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository root, where the scripts are
 # One thread per subprocess, and independent runs side by side: every run pays ~3 s of imports
 # (torch, and torch._dynamo on the first optimizer), and on a small shared machine spinning OpenMP
 # threads make runs up to ten times slower. Results do not depend on the thread count.
