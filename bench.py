@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import prunelora as pl
-from baselines import adapt
 from checkpoints import fresh_model
 from cli import autocast
 from data import make_batch, predict
-from models import HEAD
+from methods import PREPARE
 
 
 @torch.no_grad()
@@ -41,16 +40,7 @@ def inference_time_ratio(model, reference, data, rounds=15, batch_size=256):
     return min(times["model"][1:]) / min(times["reference"][1:])  # [1:]: the first round warms up
 
 
-def _prepare(name, model, args):
-    """The setup each method's unlearning does: finetune the model as it is; lora: LoRA on the
-    dense base; prunelora: pruned, then LoRA."""
-    if name == "prunelora":
-        pl.prune_global(model, args.prune_amount, exclude=HEAD)
-    if name != "finetune":
-        adapt(model, args)
-
-
-BENCH_METHODS = ("finetune", "lora", "prunelora")
+BENCH_METHODS = tuple(PREPARE)  # finetune, lora, prunelora: each model built as its unlearning builds it
 
 
 def bench_batch(data, split, args, device):
@@ -64,7 +54,7 @@ def trainer(name, base, x, y, args):
     doing one Adam step of it on the batch (x, y): (model, step)."""
     device = x.device
     model = fresh_model(base, device)
-    _prepare(name, model, args)
+    PREPARE[name](model, args)
     model.train()
     if name != "finetune" and args.freeze_bn:  # as unlearning trains the low-rank methods: BatchNorm frozen,
         pl.freeze_batchnorm(model)             # which saves its batch statistics and their backward pass

@@ -2,10 +2,12 @@
 the device and its autocast.
 
 A user mistake raises UserError and ends as one line on stderr with exit status 2, never a
-traceback; a diverging loss raises Diverged and ends with exit status 1.
+traceback; a diverging loss raises Diverged and ends with exit status 1; Ctrl-C ends with one line
+saying what was kept and the command that continues, exit status 130.
 """
 import argparse
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,14 +25,31 @@ class Diverged(Exception):
     """The loss became NaN or infinite."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help: each option's default after its help text (where it has one the text does not already
+    give); the description and the examples at the end as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+        if action.option_strings and shown and "default" not in text:  # (0 is shown: only False is no default)
+            default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+            text += f" (default {default})" if default != "" else ""
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
     def error(self, message):  # one line, not argparse's usage block
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
-def run_cli(main):
-    """Run a script's main(); a UserError becomes one line and exit 2, a divergence exit 1."""
+def run_cli(main, interrupted=None):
+    """Run a script's main(); a UserError becomes one line and exit 2, a divergence exit 1, Ctrl-C one
+    line and exit 130. interrupted() says, at that moment, what was kept and how to continue."""
     prog = Path(sys.argv[0]).name
     try:
         main()
@@ -40,6 +59,16 @@ def run_cli(main):
     except Diverged as e:
         print(f"{prog}: stopped: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # every file is written atomically: a cut run leaves none half-written
+        said = interrupted() if interrupted is not None else "nothing half-written is left"
+        print(f"\n{prog}: interrupted; {said}", file=sys.stderr)
+        sys.exit(130)
+
+
+def command_line(*extra):
+    """The command that ran, as one copyable line, with `extra` options added where it lacks them."""
+    words = ["python", Path(sys.argv[0]).name, *sys.argv[1:]]
+    return shlex.join(words + [e for e in extra if e not in words])
 
 
 def number(kind, allowed, ok):

@@ -158,6 +158,23 @@ def balanced_subset(labels, limit, num_classes):
     return torch.cat(index).sort().values
 
 
+def class_numbers(values, classes, flag):
+    """Classes given by number or by name (any case), e.g. 3 or cat, -> their numbers; anything else
+    is one error line that lists every class."""
+    names = [name.lower() for name in classes]
+    numbers = []
+    for value in map(str, values):
+        if value.lstrip("-").isdigit() and 0 <= int(value) < len(classes):
+            numbers.append(int(value))
+        elif value.lower() in names:
+            numbers.append(names.index(value.lower()))
+        else:
+            listed = ", ".join(f"{i} {name}" for i, name in enumerate(classes))
+            raise UserError(f"{flag} {value} is out of range or not a class name; allowed: 0 to {len(classes) - 1} "
+                            f"or a name ({listed})")
+    return numbers
+
+
 def check_classes(classes, num_classes, flag, must_leave=0):
     """Each class in range and named once; with must_leave, that many classes remain without them."""
     for c in classes:

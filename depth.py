@@ -245,15 +245,6 @@ def separation(per_seed):
     return table
 
 
-def separation_table(table):
-    """separation() as a markdown table."""
-    lines = ["| measure | hidden (base) | Retrain | separation |", "|---|---|---|---|"]
-    for measure, r in table.items():
-        lines.append(f"| {measure} | {r['hidden']:.2f} ± {r['hidden_std']:.2f} | {r['retrain']:.2f} ± "
-                     f"{r['retrain_std']:.2f} | {r['separation']:.1f} |")
-    return "\n".join(lines)
-
-
 # The score's measure, chosen by data (README, "Forgetting depth: CIFAR-10"): over three seeds on
 # both datasets, 50-shot NCM set the hidden and Retrain ends furthest apart in seed spreads among
 # the measures that look for the class (CKA measures change, not forgetting). 10 shots where some

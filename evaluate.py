@@ -1,4 +1,4 @@
-"""Unlearning metrics, the results tables, and a command line that prints them for any checkpoint.
+"""Unlearning metrics, and a command line that prints them for any checkpoint (report.py makes the tables).
 
     python evaluate.py checkpoints/cifar10-resnet18.pt --forget-class 3
 
@@ -22,9 +22,11 @@ import torch
 
 from checkpoints import check_checkpoint_fits, load_checkpoint, model_from_checkpoint
 from cli import ArgumentParser, pick_device, positive_int, run_cli
-from data import check_classes, forget_mask, index_or_all, load_dataset, percent, predict, training_index
+from data import (DATASET_HELP, check_classes, check_dataset_name, class_numbers, forget_mask, index_or_all,
+                  load_dataset, percent, predict, training_index)
 from depth import depth_metrics
 from models import to_device
+from report import markdown_table
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -84,17 +86,6 @@ def attack_accuracy(members, nonmembers, seed=0):
     return percent(held_out)
 
 
-# An attack this close to chance puts its threshold where members' and non-members' scores overlap
-# most, so a small shift of it moves MIA-efficacy by many points (Fashion-MNIST, 10 % of the images
-# forgotten: attack acc about 51 %, MIA spread 3 to 26 points over three seeds; README).
-NEAR_CHANCE = 55.0
-
-
-def near_chance(rows):
-    """Names of the rows whose attack accuracy is under NEAR_CHANCE: their MIA-efficacy is mostly noise."""
-    return [name for name, row in rows.items() if row.get("MIA_attack_acc", 100.0) < NEAR_CHANCE]
-
-
 def gaps_to_retrain(rows, noise_sigmas=3):
     """With a retrain row: each row's MIA_gap = its MIA - Retrain's and avg_gap, the mean absolute
     gap to Retrain over UA, MIA, RA and TA (as SalUn reports it); and the methods whose MIA is far
@@ -112,40 +103,6 @@ def gaps_to_retrain(rows, noise_sigmas=3):
             row["MIA_gap"] = row["MIA"] - retrain
             row["avg_gap"] = statistics.fmean(abs(row[k] - rows["retrain"][k]) for k in ("UA", "MIA", "RA", "TA"))
     return [name for name, row in rows.items() if name not in ("base", "retrain") and row.get("MIA_gap", 0) > far]
-
-
-def meets_targets(row, retrain):
-    """The project's target for class forgetting: UA >= 99.9, MIA >= 99, RA >= Retrain's - 0.3 and
-    TA >= Retrain's - 1.0 (the paper's PruneLoRA reached UA 99.78 and MIA 97.68 in 5 epochs)."""
-    return (row["UA"] >= 99.9 and row["MIA"] >= 99 and row["RA"] >= retrain["RA"] - 0.3
-            and row["TA"] >= retrain["TA"] - 1.0)
-
-
-def time_to_target(per_seed, runs):
-    """per_seed: {seed: rows}; runs: {method: {epochs: row name}}. For each method, the fewest
-    epochs after which it meets the targets against the same seed's Retrain (None: not within the
-    epochs run), and those runs' seconds, per seed: {method: [(epochs, seconds), ...]}."""
-    found = {}
-    for method, names in runs.items():
-        found[method] = []
-        for rows in per_seed.values():
-            hits = [(e, rows[name]["seconds"]) for e, name in sorted(names.items()) if meets_targets(rows[name], rows["retrain"])]
-            found[method].append(hits[0] if hits else (None, None))
-    return found
-
-
-def time_to_target_table(found, per_seed, max_epochs):
-    """time_to_target() as a markdown table, beside Retrain's own seconds (mean over seeds)."""
-    retrain = statistics.fmean(rows["retrain"]["seconds"] for rows in per_seed.values())
-    lines = [f"| method | fewest epochs to target{' (per seed)' if len(per_seed) > 1 else ''} | seconds | time / Retrain |",
-             "|---|---|---|---|", f"| retrain |  | {retrain:.1f} | 1.000 |"]
-    for method, hits in found.items():
-        epochs = ", ".join(f"{e}" if e else f"> {max_epochs}" for e, _ in hits)
-        seconds = [t for _, t in hits if t is not None]
-        time = statistics.fmean(seconds) if len(seconds) == len(hits) else None
-        lines.append(f"| {method} | {epochs} | {'' if time is None else f'{time:.1f}'} | "
-                     f"{'' if time is None else f'{time / retrain:.3f}'} |")
-    return "\n".join(lines)
 
 
 def unlearning_metrics(model, data, forget_classes, train_index=None, forget_index=None):
@@ -181,78 +138,42 @@ def unlearning_metrics(model, data, forget_classes, train_index=None, forget_ind
     return metrics
 
 # -----------------------------------------------------------------------------
-# tables
-
-
-COLUMNS = [("UA", "UA", "{:.2f}"), ("MIA", "MIA", "{:.2f}"), ("RA", "RA", "{:.2f}"), ("TA", "TA", "{:.2f}"),
-           ("forget_test_acc", "forget test acc", "{:.2f}"), ("MIA_gap", "MIA - Retrain", "{:+.2f}"),
-           ("MIA_attack_acc", "attack acc", "{:.2f}"), ("avg_gap", "avg gap to Retrain", "{:.2f}"), ("seconds", "seconds", "{:.1f}"),
-           ("time_vs_retrain", "time / Retrain", "{:.3f}"), ("step_time_vs_finetune", "step time / finetune", "{:.2f}"), ("trainable_params", "trainable params", "{:,}"),
-           ("trainable_share", "trainable share", "{:.4f}"), ("sparsity", "sparsity", "{:.4f}"),
-           ("inference_time_ratio", "inference time / base", "{:.2f}"), ("peak_memory_mb", "peak GPU MB", "{:.0f}"),
-           ("relearn_steps", "relearn steps", "{:.4g}"), ("probe_acc", "probe acc", "{:.2f}"),
-           ("ncm_acc", "10-shot NCM acc", "{:.2f}"),
-           ("ncm_acc_50", "50-shot NCM acc", "{:.2f}"), ("cka_base", "CKA to base", "{:.3f}"),
-           ("depth_score", "depth score", "{:.2f}")]
-
-
-def markdown_table(rows, spread=None):
-    """rows: {name: {metric: value}} -> a Markdown table with the columns that any row has;
-    with spread (the same shape), each cell reads 'value ± spread'."""
-    columns = [c for c in COLUMNS if any(c[0] in row for row in rows.values())]
-    lines = ["| method | " + " | ".join(title for _, title, _ in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
-    for name, row in rows.items():
-        cells = []
-        for key, _, fmt in columns:
-            cell = fmt.format(row[key]) if row.get(key) is not None else ""
-            if spread is not None and spread.get(name, {}).get(key) is not None and cell:
-                cell += " ± " + fmt.replace("+", "").format(spread[name][key])
-            cells.append(cell)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def summarize(runs):
-    """runs: a list of rows dicts, one per seed -> (mean rows, standard-deviation rows), over every
-    number that all runs have (sample standard deviation; 0 for a single run)."""
-    mean, spread = {}, {}
-    for name in runs[0]:
-        mean[name], spread[name] = {}, {}
-        for key, first in runs[0][name].items():
-            values = [run.get(name, {}).get(key) for run in runs]
-            if all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-                mean[name][key] = statistics.fmean(values)
-                spread[name][key] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, spread
-
-# -----------------------------------------------------------------------------
 # command line
 
 
 def main():
-    parser = ArgumentParser(description="Print the unlearning metrics of a checkpoint.")
-    parser.add_argument("checkpoint")
-    parser.add_argument("--forget-class", type=int, nargs="+", required=True, metavar="K")
-    parser.add_argument("--data-dir", default="data")
+    parser = ArgumentParser(description="Print the unlearning metrics of a checkpoint.",
+                            epilog="example:\n  python evaluate.py checkpoints/unlearned/cifar10-resnet18-forget3-"
+                            "prunelora.pt --forget-class 3 --depth")
+    parser.add_argument("checkpoint", help="a checkpoint of train.py or unlearn.py (checkpoints/unlearned/)")
+    parser.add_argument("--forget-class", nargs="+", required=True, metavar="K",
+                        help="the classes to measure as forgotten, by number or name (e.g. 3 or cat)")
+    parser.add_argument("--dataset", default=None,
+                        help=f"{DATASET_HELP} (default: the checkpoint's dataset)")
+    parser.add_argument("--data-dir", default="data", help="where torchvision datasets and caches live")
     parser.add_argument("--train-limit", type=positive_int, default=None,
                         help="the training subset to measure on (default: the checkpoint's own)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda where PyTorch sees a GPU, else cpu")
     parser.add_argument("--depth", action="store_true",
-                        help="also measure forgetting depth: relearn steps, linear-probe and 10-shot NCM accuracy (slower)")
+                        help="also measure forgetting depth: relearn steps, linear-probe and NCM accuracy (slower)")
     args = parser.parse_args()
+    if args.dataset is not None:
+        check_dataset_name(args.dataset)
     ckpt = load_checkpoint(args.checkpoint)
-    check_classes(args.forget_class, ckpt["num_classes"], "--forget-class")  # before any data is read
+    names = ckpt.get("classes") or [str(c) for c in range(ckpt["num_classes"])]  # older checkpoints: numbers only
+    forget_class = class_numbers(args.forget_class, names, "--forget-class")  # before any data is read
+    check_classes(forget_class, ckpt["num_classes"], "--forget-class")
     device = pick_device(args.device)
-    data = load_dataset(ckpt["dataset"], args.data_dir)
+    data = load_dataset(args.dataset or ckpt["dataset"], args.data_dir)
     check_checkpoint_fits(ckpt, data, args.checkpoint)
     model = to_device(model_from_checkpoint(ckpt, args.checkpoint), device)
     data.mean, data.std = ckpt["mean"], ckpt["std"]  # the normalisation the model was trained with
     train_limit = args.train_limit or ckpt.get("args", {}).get("train_limit")
     index = training_index(data, (), train_limit)
-    metrics = unlearning_metrics(model, data.to(device), args.forget_class, index)
+    metrics = unlearning_metrics(model, data.to(device), forget_class, index)
     if args.depth:
-        metrics.update(depth_metrics(model, data, args.forget_class, index))
+        metrics.update(depth_metrics(model, data, forget_class, index))
     print(markdown_table({args.checkpoint: metrics}))
 
 

@@ -9,6 +9,7 @@ fit() is the training loop that unlearn.py uses too; train() trains and checkpoi
 model every epoch, so that --resume continues a run that was cut.
 """
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -28,13 +29,15 @@ from models import ARCHS, build_model, check_arch, to_device
 
 
 def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=None, loss_fn=F.cross_entropy,
-        start_epoch=0, on_epoch_end=None, test_images=None, test_labels=None, freeze_bn=False, log=print):
+        start_epoch=0, on_epoch_end=None, test_images=None, test_labels=None, freeze_bn=False, log=print,
+        progress=None):
     """Train on data.train_images[index] for epochs, augmented, with bf16 autocast on CUDA.
 
     lr_at(step) sets the learning rate per step (None: keep the optimizer's). loss_fn(logits, labels)
     may be anything (unlearn.py passes gradient ascent and random labels). on_epoch_end(epoch, test_acc) runs
     after each epoch with the test accuracy when test images are given (train.py saves there). freeze_bn keeps
-    every BatchNorm in eval mode (pl.freeze_batchnorm). Raises Diverged on a NaN/inf loss.
+    every BatchNorm in eval mode (pl.freeze_batchnorm). progress: the whole run's Progress, so that
+    the ETA covers more than this training (default: this training alone). Raises Diverged on a NaN/inf loss.
     """
     images, labels = data.train_images, data.train_labels
     device = images.device
@@ -46,7 +49,8 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
         if freeze_bn:
             pl.freeze_batchnorm(model)
     train_mode()
-    run_start, run_steps, steps_done, said_estimate = time.time(), (epochs - start_epoch) * steps_per_epoch, 0, False
+    progress = progress or Progress((epochs - start_epoch) * steps_per_epoch * batch_size)
+    said_estimate = False
     for epoch in range(start_epoch, epochs):
         start, last_live = time.time(), time.time()
         order = index[torch.randperm(len(index), generator=generator).to(device)]
@@ -71,11 +75,10 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-            steps_done += 1
+            progress.add(len(y))
             # a live line on long epochs: the first after 10 s, so a slow run says early how slow it is
             if time.time() - last_live > (30 if said_estimate else 10):
-                last_live, rate = time.time(), seen / (time.time() - start)
-                eta = (time.time() - run_start) / steps_done * (run_steps - steps_done)
+                last_live, rate, eta = time.time(), seen / (time.time() - start), progress.eta()
                 if not said_estimate and device.type == "cpu" and eta > 600:
                     log(f"  at {rate:.0f} img/s this run takes about {duration(eta)} more on the CPU; for a quicker one "
                         "use a smaller --width (resnet18/resnet50), --arch cnn, or --train-limit N")
@@ -95,10 +98,28 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
         if test_images is not None:
             test_acc = 100 * (outputs.argmax(1) == test_labels).float().mean().item()
             line += f"  test {test_acc:.2f}%"
-        eta = (time.time() - run_start) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)  # the whole run's
-        log(f"{line}  {seen / seconds:.0f} img/s  run eta {duration(eta)}")
+        log(f"{line}  {seen / seconds:.0f} img/s  run eta {duration(progress.eta())}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, test_acc if test_images is not None else None)
+
+
+class Progress:
+    """The whole run's clock, so that every progress line's ETA covers the rest of the run: the work
+    planned and done, counted in images trained on (an image only evaluated counts EVAL_COST of one:
+    a forward pass without backward). The ETA is the rate so far applied to the work left."""
+    EVAL_COST = 1 / 3
+
+    def __init__(self, planned):
+        self.planned, self.done, self.start = planned, 0, time.time()
+
+    def add(self, images):
+        self.done += images
+
+    def evaluated(self, images):
+        self.add(images * self.EVAL_COST)
+
+    def eta(self):
+        return (time.time() - self.start) / max(self.done, 1) * max(self.planned - self.done, 0)
 
 
 def duration(seconds):
@@ -131,8 +152,9 @@ def resume_settings(path):
     return {key: value for key, value in ckpt.get("args", {}).items() if key in RUN_KEYS}
 
 
-def train(args, data, device, log=print):
-    """Train args.arch on data (already on device) and save args.out; returns the checkpoint dict."""
+def train(args, data, device, log=print, progress=None):
+    """Train args.arch on data (already on device) and save args.out; returns the checkpoint dict.
+    progress: the whole run's Progress, where this training is part of a longer run (unlearn.py)."""
     out = Path(args.out)
     if args.lr is None:
         args.lr = PEAK_LR.get(args.arch, 0.2)
@@ -193,7 +215,8 @@ def train(args, data, device, log=print):
     try:
         fit(model, data, index, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
             generator=generator, lr_at=lambda step, total: warmup_cosine(step, total, args.lr),
-            start_epoch=start_epoch, on_epoch_end=save, test_images=test_images, test_labels=test_labels, log=log)
+            start_epoch=start_epoch, on_epoch_end=save, test_images=test_images, test_labels=test_labels, log=log,
+            progress=progress)
     except Diverged as e:
         kept = (f"the checkpoint after epoch {saved[-1]} is kept at {out}" if saved else
                 f"{out} is left as it was" if out.exists() else "no checkpoint was written")
@@ -206,45 +229,59 @@ def train(args, data, device, log=print):
 # command line
 
 
-def add_data_args(parser, many_seeds=False):
-    parser.add_argument("--dataset", default="cifar10", help=f"{DATASET_HELP} (default cifar10)")
-    parser.add_argument("--data-dir", default="data", help="where torchvision datasets and caches live")
-    parser.add_argument("--arch", default="resnet18", help=f"{', '.join(ARCHS)} (default resnet18)")
-    parser.add_argument("--width", type=positive_int, default=None,
-                        help="channels of a ResNet's first stage, doubling per stage (default 64, the standard); "
-                        "16 makes ResNet-18 trainable on a CPU")
-    parser.add_argument("--train-limit", type=positive_int, default=None,
-                        help="use only this many training images, the same number per class")
+def add_data_args(group, many_seeds=False):
+    """The data and model options every script shares, added to `group` (a parser or an argument group)."""
+    group.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
+    group.add_argument("--data-dir", default="data", help="where torchvision datasets and caches live")
+    group.add_argument("--arch", default="resnet18", help=", ".join(ARCHS))
+    group.add_argument("--width", type=positive_int, default=None,
+                       help="channels of a ResNet's first stage, doubling per stage (default 64, the standard); "
+                       "16 makes ResNet-18 trainable on a CPU")
+    group.add_argument("--train-limit", type=positive_int, default=None,
+                       help="use only this many training images, the same number per class (default all)")
     if many_seeds:  # unlearn.py: the whole comparison once per seed
-        parser.add_argument("--seed", type=int, nargs="+", default=[0], metavar="S",
-                            help="seeds model init, data order and augmentation; several: one comparison each, "
-                            "and a table of mean and standard deviation")
+        group.add_argument("--seed", type=int, nargs="+", default=[0], metavar="S",
+                           help="seeds model init, data order and augmentation; several: one comparison each, "
+                           "and a table of mean and standard deviation")
     else:
-        parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        group.add_argument("--seed", type=int, default=0, help="seeds model init, data order and augmentation")
+    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                       help="auto: cuda where PyTorch sees a GPU, else cpu")
 
 
-def add_train_args(parser, prefix=""):
+def add_train_args(group, prefix=""):
     """Base-training hyper-parameters; unlearn.py adds them as --base-epochs etc."""
     p = f"--{prefix}" if prefix else "--"
-    parser.add_argument(f"{p}epochs", type=positive_int, default=30, help="30 epochs: ResNet-18 reaches ~94%% on CIFAR-10")
-    parser.add_argument(f"{p}batch-size", type=positive_int, default=512)
-    parser.add_argument(f"{p}lr", type=positive_float, default=None,
-                        help="peak SGD learning rate at batch 512 (default 0.2; 0.05 for vit, where 0.2 diverged)")
-    parser.add_argument(f"{p}momentum", type=float, default=0.9)
-    parser.add_argument(f"{p}weight-decay", type=float, default=5e-4)
+    group.add_argument(f"{p}epochs", type=positive_int, default=30, help="training epochs")
+    group.add_argument(f"{p}batch-size", type=positive_int, default=512, help="training batch size")
+    group.add_argument(f"{p}lr", type=positive_float, default=None,
+                       help="peak SGD learning rate, warm-up then cosine (default 0.2; 0.05 for vit)")
+    group.add_argument(f"{p}momentum", type=float, default=0.9, help="SGD Nesterov momentum")
+    group.add_argument(f"{p}weight-decay", type=float, default=5e-4, help="weight decay, not on biases and norms")
+
+
+EXAMPLES = """examples:
+  python train.py                                        # CIFAR-10, ResNet-18
+  python train.py --exclude-class 3                      # Retrain: never sees class 3
+  python train.py --dataset fashion-mnist --arch cnn --train-limit 6000 --epochs 10
+  python train.py --resume --out checkpoints/cifar10-resnet18.pt      # continue a cut run"""
+OUT = {}  # the checkpoint main() writes, for the Ctrl-C line
 
 
 def main():
-    parser = ArgumentParser(description="Train a classifier (the base model, or Retrain with --exclude-class).")
-    add_data_args(parser)
-    add_train_args(parser)
-    parser.add_argument("--exclude-class", type=int, nargs="+", default=[], metavar="K",
-                        help="train without these classes (the Retrain baseline)")
-    parser.add_argument("--out", default=None, help="checkpoint path (default checkpoints/<dataset>-<arch>[-w<W>][-n<N>][-seed<S>].pt)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue --out from its last complete epoch, with the settings it was started with "
-                        "(an option given here must match them)")
+    parser = ArgumentParser(description="Train a classifier (the base model, or Retrain with --exclude-class).",
+                            epilog=EXAMPLES)
+    add_data_args(parser.add_argument_group("data and model"))
+    group = parser.add_argument_group("training")
+    add_train_args(group)
+    group.add_argument("--exclude-class", type=int, nargs="+", default=[], metavar="K",
+                       help="train without these classes (the Retrain baseline)")
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", default=None,
+                       help="checkpoint path (default checkpoints/<dataset>-<arch>[-w<W>][-n<N>][-seed<S>].pt)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue --out from its last complete epoch, with the settings it was started with "
+                       "(an option given here must match them)")
     args = parser.parse_args()
     if args.resume and args.out:  # options left off the command line take the cut run's values
         parser.set_defaults(**resume_settings(args.out))
@@ -254,11 +291,25 @@ def main():
     args.out = str(args.out or default_checkpoint(args.dataset, args.arch, args.exclude_class, args.width, args.seed,
                                                        args.train_limit))
     check_writable(args.out)
+    OUT.update(path=args.out, data_dir=args.data_dir)
     device = pick_device(args.device)
     data = load_dataset(args.dataset, args.data_dir)
     check_classes(args.exclude_class, data.num_classes, "--exclude-class", must_leave=2)
     train(args, data.to(device), device)
 
 
+def interrupted():
+    """What Ctrl-C leaves: the checkpoint of the last finished epoch (saved whole or not at all)."""
+    try:
+        ckpt = load_checkpoint(OUT["path"])
+    except (KeyError, UserError):
+        return "no epoch had finished, so no checkpoint was written"
+    if ckpt.get("complete", True):
+        return f"no epoch of this run had finished; {OUT['path']} is as it was"
+    data = [] if OUT["data_dir"] == "data" else ["--data-dir", OUT["data_dir"]]
+    return (f"{OUT['path']} keeps epoch {ckpt['epochs_done']} of {ckpt['args']['epochs']}; continue with: "
+            + shlex.join(["python", "train.py", *data, "--resume", "--out", OUT["path"]]))
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted)

@@ -293,9 +293,9 @@ def test_unlearn_killed_while_saving_leaves_results_and_checkpoints_whole(tmp_pa
 
 
 def test_resume_after_a_kill_gives_bitwise_the_same_model_as_an_uninterrupted_run(tmp_path, data_args):
-    """Train 3 epochs straight; and train, kill -9 after the first checkpoint, --resume: same tensors.
-    The resume is the command unlearn.py prints for the cut base, as printed: --resume --out and the data
-    folder, every other setting taken from the checkpoint."""
+    """Train 3 epochs straight; and train, kill -9 after the first checkpoint, then continue it twice over:
+    with the unlearn.py command that uses it as its base (it finishes the base by itself) and with
+    'train.py --resume --out' and the data folder (every other setting taken from the checkpoint). Same tensors."""
     args = [*data_args, "--arch", "cnn", "--epochs", 3, "--batch-size", 8, "--train-limit", 32, "--lr", 0.05,
             "--seed", 5]
     straight, interrupted = tmp_path / "straight.pt", tmp_path / "interrupted.pt"
@@ -307,17 +307,48 @@ def test_resume_after_a_kill_gives_bitwise_the_same_model_as_an_uninterrupted_ru
     assert result.returncode == 0, result.stderr
     partial = torch.load(interrupted, weights_only=True)
     assert not partial["complete"] and 1 <= partial["epochs_done"] < 3  # it really was cut short
-    refused = run("unlearn", *data_args, "--arch", "cnn", "--base", interrupted, "--forget-class", 1, cwd=tmp_path)
-    assert refused.returncode == 2 and "is unfinished" in refused.stderr, refused.stderr
-    advice = re.search(r"'python train\.py (.*)'", refused.stderr).group(1).split()
-    assert "--arch" not in advice and "--epochs" not in advice  # no setting but where the data is
-    resumed = run("train", *advice, cwd=tmp_path)
+    by_train = tmp_path / "by-train.pt"
+    shutil.copy(interrupted, by_train)
+    finished = run("unlearn", *data_args, "--arch", "cnn", "--base", interrupted, "--forget-class", 1,
+                   "--method", "hidden", cwd=tmp_path)
+    assert finished.returncode == 0, finished.stderr
+    assert "is unfinished" in finished.stdout and f"after epoch {partial['epochs_done']}" in finished.stdout
+    resumed = run("train", *data_args[2:], "--resume", "--out", by_train, cwd=tmp_path)  # only the data folder
     assert resumed.returncode == 0, resumed.stderr
     assert f"after epoch {partial['epochs_done']}" in resumed.stdout
 
-    a, b = torch.load(straight, weights_only=True), torch.load(interrupted, weights_only=True)
-    assert a["complete"] and b["complete"] and a["epochs_done"] == b["epochs_done"] == 3
-    assert_state_dicts_equal(a["state_dict"], b["state_dict"])
+    a = torch.load(straight, weights_only=True)
+    for path in (interrupted, by_train):
+        b = torch.load(path, weights_only=True)
+        assert a["complete"] and b["complete"] and a["epochs_done"] == b["epochs_done"] == 3
+        assert_state_dicts_equal(a["state_dict"], b["state_dict"])
+
+
+@pytest.mark.parametrize("script", ["train", "unlearn"])
+def test_ctrl_c_says_in_one_line_what_was_kept_and_how_to_continue(script, tmp_path, data_args):
+    """SIGINT (Ctrl-C) during base training: exit 130, one line without a traceback that names the
+    command which continues, and no temporary file; that command then finishes the run."""
+    out = tmp_path / checkpoints.default_checkpoint(data_args[1], "cnn", seed=5, train_limit=32)  # unlearn.py's base
+    train_args = ["--arch", "cnn", "--train-limit", 32, "--seed", 5]
+    argv = ({"train": [*data_args, *train_args, "--epochs", 30, "--batch-size", 8, "--lr", 0.05, "--out", out],
+             "unlearn": [*data_args, *train_args, "--base-epochs", 30, "--base-batch-size", 8,
+                         "--base-lr", 0.05, "--forget-class", 1, "--method", "hidden"]}[script])
+    proc = subprocess.Popen(command(script, *argv), cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(proc, out.exists, "the first checkpoint")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    (line,) = stderr.strip().splitlines()
+    assert "interrupted" in line and "Traceback" not in stderr and "continue with: python" in line, line
+    assert not temporaries(out)
+    again = line.split("continue with: ")[1].split()[2:]  # the command's options, after 'python X.py'
+    result = run(script, *again, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert torch.load(out, weights_only=True)["complete"]
 
 
 # -----------------------------------------------------------------------------
