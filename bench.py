@@ -185,7 +185,8 @@ def print_bench(rows, args, device):
           "in two blocks (A B C, C B A) of back-to-back steps after 3 warm-up steps:")
     for name, row in rows.items():
         print(f"  {name:10s} {row['step_ms']:8.1f} ms/step  {row['step_time_vs_finetune']:.2f} x finetune  "
-              f"{row['trainable_params']:,} trainable" + (f"  {row['peak_memory_mb']:.0f} MiB peak" if "peak_memory_mb" in row else ""))
+              f"{row['trainable_params']:,} trainable"
+              + (f"  {row['peak_memory_mb']:.0f} MiB peak" if "peak_memory_mb" in row else ""))
     if any("peak_memory_mb" in row for row in rows.values()):
         print("peak: tensor memory from building the model through 3 steps" + (
             " (max_memory_allocated)" if device.type == "cuda" else " (the profiler's allocation records)"))

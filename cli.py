@@ -77,7 +77,8 @@ def number(kind, allowed, ok):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not ok(value):
             raise argparse.ArgumentTypeError(f"{value} is not allowed; it must be {allowed}")
         return value

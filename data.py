@@ -216,7 +216,8 @@ def forget_share_index(data, index, share, seed):
         picks.append(members[torch.randperm(len(members), generator=generator)[:k]])
     forget = torch.cat(picks).sort().values
     if not len(forget):
-        raise UserError(f"--forget-share {share} forgets no image of the {len(index)} training images; choose a larger share")
+        raise UserError(f"--forget-share {share} forgets no image of the {len(index)} training images; "
+                        "choose a larger share")
     return forget
 
 
@@ -289,7 +290,8 @@ def random_crop_flip(x, generator, flip, pad=4):
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = (dy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
-    x = padded[torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
+    x = padded[torch.arange(B, device=x.device)[:, None, None, None],
+               torch.arange(C, device=x.device)[None, :, None, None], rows, cols]
     if flip:
         mirror = (torch.rand(B, generator=generator) < 0.5).to(x.device)
         x = torch.where(mirror[:, None, None, None], x.flip(3), x)
@@ -314,8 +316,8 @@ def predict(model, data, images, batch_size=1000, features=False):
     forward = model.features if features else model
     device = images.device
     with autocast(device):
-        outputs = [forward(make_batch(data, images, torch.arange(i, min(i + batch_size, len(images)), device=device))).float()
-                   for i in range(0, len(images), batch_size)]
+        outputs = [forward(make_batch(data, images, torch.arange(i, min(i + batch_size, len(images)), device=device)))
+                   .float() for i in range(0, len(images), batch_size)]
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.zeros(0, data.num_classes, device=device)
 

@@ -208,7 +208,8 @@ def depth_metrics(model, data, forget_classes, train_index=None, seed=0, referen
     """Every depth measure with its defaults: the one call unlearn.py and evaluate.py make.
     reference: the base model, where known, for cka_base."""
     steps, after = relearn(model, data, forget_classes, train_index, seed=seed)
-    row = dict(relearn_steps=steps, **after, probe_acc=probe_accuracy(model, data, forget_classes, train_index, seed=seed))
+    row = dict(relearn_steps=steps, **after,
+               probe_acc=probe_accuracy(model, data, forget_classes, train_index, seed=seed))
     labels = data.train_labels[index_or_all(data, train_index)]
     fewest = int(torch.bincount(labels, minlength=data.num_classes).min())
     for shots in NCM_SHOTS:
@@ -245,7 +246,7 @@ def separation(per_seed):
     return table
 
 
-# The score's measure, chosen by data (README, "Forgetting depth: CIFAR-10"): over three seeds on
+# The score's measure, chosen by data (RESULTS.md, "Forgetting depth: CIFAR-10"): over three seeds on
 # both datasets, 50-shot NCM set the hidden and Retrain ends furthest apart in seed spreads among
 # the measures that look for the class (CKA measures change, not forgetting). 10 shots where some
 # class has fewer than 50 training images.

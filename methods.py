@@ -202,24 +202,31 @@ def unlearn_rl(model, data, task, args):
                               loss_fn=relabelled)
 
 
-def unlearn_retrain(model, data, task, args):
-    """Exact unlearning: train from scratch without the forget set, with the base's settings and
-    this run's seed (with one --base for several seeds, each seed has its own Retrain).
-
-    A Retrain checkpoint of exactly these settings (train.py's RUN_KEYS) is used where it is
-    complete and continued where it was cut, so a long comparison can be run again without
-    training Retrain twice; any other file at that path is trained over, as train.py would."""
-    retrain_args = dict(task.ckpt["args"], seed=task.seed, exclude_class=list(args.forget_class),
-                        exclude_index=task.forget_index)
-    out = default_checkpoint(data.name, args.arch, [task.forget_name], retrain_args.get("width"), retrain_args["seed"],
-                             retrain_args.get("train_limit"))
+def retrain_run(data, task, args):
+    """Retrain's settings (the base's, this seed, without the forget set), its checkpoint path, and
+    the checkpoint a run of exactly these settings (train.py's RUN_KEYS) left there, or None."""
+    settings = dict(task.ckpt["args"], seed=task.seed, exclude_class=list(args.forget_class),
+                    exclude_index=task.forget_index)
+    out = default_checkpoint(data.name, args.arch, [task.forget_name], settings.get("width"), settings["seed"],
+                             settings.get("train_limit"))
     try:
         previous = load_checkpoint(out) if out.is_file() else None
     except UserError:  # not a checkpoint we can read: trained over
         previous = None
-    same_run = previous is not None and all(previous.get("args", {}).get(k) == retrain_args.get(k) for k in RUN_KEYS)
-    ckpt = train(argparse.Namespace(**retrain_args, out=str(out), resume=same_run), data, data.train_images.device,
-                 log=lambda line: print("   ", line, flush=True), progress=task.progress)
+    same_run = previous is not None and all(previous.get("args", {}).get(k) == settings.get(k) for k in RUN_KEYS)
+    return settings, out, previous if same_run else None
+
+
+def unlearn_retrain(model, data, task, args):
+    """Exact unlearning: train from scratch without the forget set, with the base's settings and
+    this run's seed (with one --base for several seeds, each seed has its own Retrain).
+
+    A Retrain checkpoint of exactly these settings is used where it is complete and continued where
+    it was cut, so a long comparison can be run again without training Retrain twice; any other
+    file at that path is trained over, as train.py would."""
+    settings, out, previous = retrain_run(data, task, args)
+    ckpt = train(argparse.Namespace(**settings, out=str(out), resume=previous is not None), data,
+                 data.train_images.device, log=lambda line: print("   ", line, flush=True), progress=task.progress)
     model.load_state_dict(ckpt["state_dict"])
     return model, dict(trainable_params=sum(p.numel() for p in model.parameters()), seconds=ckpt["seconds"])
 

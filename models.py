@@ -199,6 +199,5 @@ def build_model(arch, in_channels, num_classes, width=None):
 
 def to_device(model, device):
     """Move to the device in channels_last: faster for convolutions on CUDA and on this project's
-    2-core CPU alike (measured there, ResNet-18 width 16, one SGD step: 256 -> 321 images/s at batch
-    128, 220 -> 291 at batch 512)."""
+    2-core CPU alike (RESULTS.md, "Cost")."""
     return model.to(device, memory_format=torch.channels_last)

@@ -22,10 +22,11 @@ from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict,
                          load_checkpoint, model_from_checkpoint, save_checkpoint)
 from cli import (ArgumentParser, UserError, command_line, fraction, number, pick_device, positive_float, positive_int,
                  run_cli)
-from data import check_classes, check_dataset_name, class_numbers, forget_split, forget_tag, load_dataset, training_index
+from data import (check_classes, check_dataset_name, class_numbers, forget_split, forget_tag, load_dataset,
+                  training_index)
 from depth import add_depth_scores, depth_metrics
 from evaluate import gaps_to_retrain, unlearning_metrics
-from methods import METHODS, NOT_UNLEARNED, UNLEARN, Task
+from methods import METHODS, NOT_UNLEARNED, UNLEARN, Task, retrain_run
 from models import check_arch, to_device
 from report import finished_seeds, method_runs, near_chance, report, save_partial
 from train import RUN_KEYS, Progress, add_data_args, add_train_args, train
@@ -84,8 +85,9 @@ def planned_work(run, args):
             images = {"retrain": 0, "hidden": 0, "ga": len(split["forget"]),
                       "rl": len(split["train"])}.get(method, len(split["retain"]))
             work += epochs * images + evaluate
-            if method == "retrain":  # the base's schedule, without the forget set (whatever is left of it)
-                work += base_epochs * len(split["retain"])
+            if method == "retrain":  # the base's schedule, without the forget set: what is left of it
+                done = retrain_run(run.data, task, args)[2] if task.ckpt else None
+                work += (base_epochs - (done or {}).get("epochs_done", 0)) * len(split["retain"])
     return work
 
 # -----------------------------------------------------------------------------

@@ -95,7 +95,7 @@ class ColourOnly(nn.Module):
 def test_ncm_reads_the_features_so_hiding_cannot_fool_it(models, depth):
     """Hiding leaves the few-shot probe where the base model is; features that cannot tell the class from
     another send about half its images to the other class. (On this easy synthetic data Retrain's
-    features still find class 3 with 10 shots; real data separate base and Retrain: README.)"""
+    features still find class 3 with 10 shots; real data separate base and Retrain: RESULTS.md.)"""
     data, _, _ = models
     assert depth["hidden"]["ncm_acc"] == depth["base"]["ncm_acc"] >= 90
     assert measures.ncm_recognition(ColourOnly(data.num_classes), data, FORGET) <= 75

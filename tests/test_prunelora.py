@@ -373,3 +373,24 @@ def test_freeze_batchnorm_keeps_running_statistics_while_the_rest_trains():
     model.train()
     model(x)  # without it, a forward pass in train mode moves them
     assert not torch.equal(model[1].running_mean, before["running_mean"])
+
+
+def test_the_readme_recipe_runs_as_written_and_forgets_in_its_merged_model():
+    """README's "Use prunelora.py in your own model" block, executed word for word on a small CNN with a
+    `head`: it resets the forget row, prunes, adapts, trains and merges into a plain, half-sparse model."""
+    import re
+    from pathlib import Path
+
+    import models
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Use prunelora.py in your own model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    torch.manual_seed(0)
+    model = models.build_model("cnn", 3, 4)
+    images, labels = torch.randn(16, 3, 32, 32), torch.tensor([0, 1, 2] * 5 + [0])
+    namespace = dict(model=model, forget_class=3, retain_loader=[(images, labels)])
+    exec(code, namespace)
+    merged = namespace["model"]
+    assert not any(isinstance(m, pl.LoRALayer) for m in merged.modules())
+    assert set(merged.state_dict()) == set(models.build_model("cnn", 3, 4).state_dict())
+    assert 0.45 < pl.sparsity(merged) < 0.55
