@@ -114,6 +114,11 @@ def test_unlearn_all_methods_from_the_command_line(synthetic_dataset, base_check
         assert {"UA", "MIA", "RA", "TA", "forget_test_acc", "seconds", "trainable_params", "sparsity"} <= set(rows[method])
         assert f"| {method} |" in json_path.with_suffix(".md").read_text()
         assert any(line.split()[:1] == [method] for line in result.stdout.splitlines())  # its row in the terminal
+    md = json_path.with_suffix(".md").read_text()  # it says how it was made and what each column means
+    assert md.startswith("# Unlearning results") and "Command: `python unlearn.py --dataset" in md
+    assert "## Verdict" in md and "- **RA**: accuracy on the retained training images" in md
+    verdicts = result.stdout.split("\nverdict (")[1].splitlines()[1:]
+    assert {line.split()[0] for line in verdicts if line.startswith("  ")} == set(unlearn.METHODS) - {"retrain", "hidden"}
     for method in ("prunelora", "lora", "finetune"):
         assert rows[method]["step_time_vs_finetune"] > 0
     assert rows["finetune"]["step_time_vs_finetune"] == 1
@@ -389,6 +394,11 @@ def test_evaluate_prints_the_metrics_of_a_checkpoint(synthetic_dataset, base_che
     result = run("evaluate.py", base_checkpoint, "--forget-class", "1", "--data-dir", data_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "| UA | MIA | RA | TA |" in result.stdout
+    # the same data options as the other scripts, and the class by its name
+    by_name = run("evaluate.py", base_checkpoint, "--forget-class", "CLASS1", "--dataset", dataset,
+                  "--data-dir", data_dir, cwd=tmp_path)
+    assert by_name.returncode == 0, by_name.stderr
+    assert by_name.stdout.splitlines()[-1] == result.stdout.splitlines()[-1]
 
 # -----------------------------------------------------------------------------
 # real data: runs when PRUNELORA_DATA names a folder holding FashionMNIST/raw
