@@ -41,6 +41,13 @@ def inference_time_ratio(model, reference, data, rounds=15, batch_size=256):
 
 
 BENCH_METHODS = tuple(PREPARE)  # finetune, lora, prunelora: each model built as its unlearning builds it
+COMPILED = "@compiled"          # a bench name's suffix: the same model, its step through torch.compile
+
+
+def bench_names(args, eager=True):
+    """The bench's models: each method eager, and with --compile each compiled too (eager=False: compiled only)."""
+    compiled = [f"{name}{COMPILED}" for name in BENCH_METHODS] if getattr(args, "compile", False) else []
+    return ([*BENCH_METHODS] if eager or not compiled else []) + compiled
 
 
 def bench_batch(data, split, args, device):
@@ -51,19 +58,23 @@ def bench_batch(data, split, args, device):
 
 def trainer(name, base, x, y, args):
     """`name`'s model built on the base checkpoint, in the mode unlearning trains it in, and a function
-    doing one Adam step of it on the batch (x, y): (model, step)."""
+    doing one Adam step of it on the batch (x, y): (model, step). A name ending in COMPILED steps
+    through torch.compile, as unlearning does with --compile: its first step compiles."""
     device = x.device
+    method = name.removesuffix(COMPILED)
     model = fresh_model(base, device)
-    PREPARE[name](model, args)
+    PREPARE[method](model, args)
     model.train()
-    if name != "finetune" and args.freeze_bn:  # as unlearning trains the low-rank methods: BatchNorm frozen,
-        pl.freeze_batchnorm(model)             # which saves its batch statistics and their backward pass
+    if method != "finetune" and args.freeze_bn:  # as unlearning trains the low-rank methods: BatchNorm frozen,
+        pl.freeze_batchnorm(model)               # which saves its batch statistics and their backward pass
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-9)  # a tiny step: the timing, not the weights, matters
+    compiled = name != method
+    forward = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) if compiled else model
 
     def step():
         with autocast(device):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(forward(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -74,7 +85,8 @@ def trainer(name, base, x, y, args):
 
 def time_steps(names, base, x, y, args, steps, after_step=None):
     """Seconds of `steps` Adam steps of each named method's model, ({name: [seconds]}, {name: trainable
-    parameter count}). A model's steps run back to back, as in training, after 3 untimed warm-up
+    parameter count}, {name: seconds of its first step, which compiles a compiled model}). A model's
+    steps run back to back, as in training, after 3 untimed warm-up
     steps. Several models run in two blocks, in order and then in reverse (A B C, C B A), the steps
     split between them: a burst of other work on the machine must then hit both of a model's blocks
     to move its fastest step. Blocks rather than single steps in turn: training runs a model's steps
@@ -82,7 +94,7 @@ def time_steps(names, base, x, y, args, steps, after_step=None):
     after_step() runs after every step."""
     trainers = {name: trainer(name, base, x, y, args) for name in names}
     blocks = [list(names)] if len(names) == 1 else [list(names), list(names)[::-1]]
-    times = {name: [] for name in names}
+    times, first = {name: [] for name in names}, {}
     for number, order in enumerate(blocks):
         timed = steps // len(blocks) + (number < steps % len(blocks))  # this block's share of the steps
         for name in order:
@@ -92,10 +104,11 @@ def time_steps(names, base, x, y, args, steps, after_step=None):
                 step()
                 if i >= 3:
                     times[name].append(time.perf_counter() - start)
+                first.setdefault(name, time.perf_counter() - start)
                 if after_step is not None:
                     after_step()
     return times, {name: sum(p.numel() for p in model.parameters() if p.requires_grad)
-                   for name, (model, _) in trainers.items()}
+                   for name, (model, _) in trainers.items()}, first
 
 
 def peak_memory_mb(name, base, x, y, args):
@@ -155,16 +168,22 @@ def profile_bench(base, data, split, args, device, steps):
         profile_steps(name, base, x, y, args, steps)
 
 
-def bench_step_times(base, data, split, args, device, steps, memory=False):
+def bench_step_times(base, data, split, args, device, steps, memory=False, eager=True):
     """Seconds per training step on one fixed batch of retained images: full fine-tuning vs LoRA
     (dense base, factored path) vs PruneLoRA (pruned base, masked update), each with Adam, in two
     blocks each (time_steps); the fastest of each method's steps counts. On CUDA,
     and with memory=True on the CPU, also each one's peak training memory in MiB (CUDA's
-    max_memory_allocated; peak_memory_mb on the CPU)."""
+    max_memory_allocated; peak_memory_mb on the CPU). With --compile each method compiled too (eager=False:
+    only compiled), with the seconds its first step took to compile; each step is read against
+    fine-tuning's in the same mode, and a compiled step against its eager one."""
     x, y = bench_batch(data, split, args, device)
-    times, trainable = time_steps(BENCH_METHODS, base, x, y, args, steps)
-    rows = {name: dict(step_ms=1000 * min(times[name]), trainable_params=trainable[name]) for name in BENCH_METHODS}
-    for name in BENCH_METHODS:  # memory in runs of their own: one method's model at a time, no timing
+    names = bench_names(args, eager)
+    times, trainable, first = time_steps(names, base, x, y, args, steps)
+    rows = {name: dict(step_ms=1000 * min(times[name]), trainable_params=trainable[name]) for name in names}
+    for name in names:
+        if name.endswith(COMPILED):
+            rows[name]["compile_seconds"] = first[name] - min(times[name])
+    for name in (n for n in names if not n.endswith(COMPILED)):  # memory in runs of their own, no timing
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -175,8 +194,12 @@ def bench_step_times(base, data, split, args, device, steps, memory=False):
             peak = peak_memory_mb(name, base, x, y, args)
             if peak is not None:
                 rows[name]["peak_memory_mb"] = peak
-    for row in rows.values():
-        row["step_time_vs_finetune"] = row["step_ms"] / rows["finetune"]["step_ms"]
+    for name, row in rows.items():
+        mode = COMPILED if name.endswith(COMPILED) else ""
+        row["step_time_vs_finetune"] = row["step_ms"] / rows[f"finetune{mode}"]["step_ms"]
+        eager_row = rows.get(name.removesuffix(COMPILED))
+        if mode and eager_row:
+            row["step_time_vs_eager"] = row["step_ms"] / eager_row["step_ms"]
     return rows
 
 
@@ -184,9 +207,13 @@ def print_bench(rows, args, device):
     print(f"\nbatch of {args.batch_size} on {device}, fastest of {args.bench_steps} steps each, "
           "in two blocks (A B C, C B A) of back-to-back steps after 3 warm-up steps:")
     for name, row in rows.items():
-        print(f"  {name:10s} {row['step_ms']:8.1f} ms/step  {row['step_time_vs_finetune']:.2f} x finetune  "
+        print(f"  {name:19s} {row['step_ms']:8.1f} ms/step  {row['step_time_vs_finetune']:.2f} x finetune  "
               f"{row['trainable_params']:,} trainable"
-              + (f"  {row['peak_memory_mb']:.0f} MiB peak" if "peak_memory_mb" in row else ""))
+              + (f"  {row['peak_memory_mb']:.0f} MiB peak" if "peak_memory_mb" in row else "")
+              + (f"  {row['step_time_vs_eager']:.2f} x eager, compiled in {row['compile_seconds']:.1f} s"
+                 if "compile_seconds" in row else ""))
+    if any(name.endswith(COMPILED) for name in rows):
+        print(f"{COMPILED}: the same model, its step through torch.compile, read against finetune{COMPILED}")
     if any("peak_memory_mb" in row for row in rows.values()):
         print("peak: tensor memory from building the model through 3 steps" + (
             " (max_memory_allocated)" if device.type == "cuda" else " (the profiler's allocation records)"))

@@ -85,10 +85,11 @@ def finetune_on(model, data, index, args, task, loss_fn=F.cross_entropy, lr=None
     peak = lr or args.lr
     optimizer = torch.optim.Adam(params, lr=peak)
     generator = torch.Generator().manual_seed(args.seed)
-    fit(model, data, index, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
-        generator=generator, lr_at=lambda step, total: warmup_cosine(step, total, peak), loss_fn=loss_fn,
-        freeze_bn=freeze_bn, log=lambda line: print("   ", line, flush=True), progress=task.progress)
-    return dict(trainable_params=sum(p.numel() for p in params))
+    compiled = fit(model, data, index, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
+                   generator=generator, lr_at=lambda step, total: warmup_cosine(step, total, peak), loss_fn=loss_fn,
+                   freeze_bn=freeze_bn, log=lambda line: print("   ", line, flush=True), progress=task.progress,
+                   compile=getattr(args, "compile", False))
+    return dict(trainable_params=sum(p.numel() for p in params), **compiled)
 
 # -----------------------------------------------------------------------------
 # PruneLoRA variants aimed at deeper forgetting: --salient-prune, --relabel-forget
@@ -225,7 +226,8 @@ def unlearn_retrain(model, data, task, args):
     it was cut, so a long comparison can be run again without training Retrain twice; any other
     file at that path is trained over, as train.py would."""
     settings, out, previous = retrain_run(data, task, args)
-    ckpt = train(argparse.Namespace(**settings, out=str(out), resume=previous is not None), data,
+    ckpt = train(argparse.Namespace(**settings, out=str(out), resume=previous is not None,
+                                    compile=getattr(args, "compile", False)), data,
                  data.train_images.device, log=lambda line: print("   ", line, flush=True), progress=task.progress)
     model.load_state_dict(ckpt["state_dict"])
     return model, dict(trainable_params=sum(p.numel() for p in model.parameters()), seconds=ckpt["seconds"])

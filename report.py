@@ -129,6 +129,7 @@ COLUMNS = [
     ("seconds", "seconds", "{:.1f}", "wall time of the method (Retrain: its training time)"),
     ("time_vs_retrain", "time / Retrain", "{:.3f}", "seconds over Retrain's"),
     ("step_time_vs_finetune", "step time / finetune", "{:.2f}", "one training step's time over full fine-tuning's"),
+    ("compile_seconds", "compile seconds", "{:.1f}", "--compile: seconds the first step spent compiling"),
     ("trainable_params", "trainable params", "{:,}", "parameters the method trains"),
     ("trainable_share", "trainable share", "{:.4f}", "trainable params over all parameters"),
     ("sparsity", "sparsity", "{:.4f}", "share of exact zeros in the Conv2d/Linear weights"),

@@ -30,14 +30,17 @@ from models import ARCHS, build_model, check_arch, to_device
 
 def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=None, loss_fn=F.cross_entropy,
         start_epoch=0, on_epoch_end=None, test_images=None, test_labels=None, freeze_bn=False, log=print,
-        progress=None):
+        progress=None, compile=False):
     """Train on data.train_images[index] for epochs, augmented, with bf16 autocast on CUDA.
 
     lr_at(step) sets the learning rate per step (None: keep the optimizer's). loss_fn(logits, labels)
     may be anything (unlearn.py passes gradient ascent and random labels). on_epoch_end(epoch, test_acc) runs
     after each epoch with the test accuracy when test images are given (train.py saves there). freeze_bn keeps
     every BatchNorm in eval mode (pl.freeze_batchnorm). progress: the whole run's Progress, so that
-    the ETA covers more than this training (default: this training alone). Raises Diverged on a NaN/inf loss.
+    the ETA covers more than this training (default: this training alone). compile: the training
+    forward and backward run through torch.compile (CUDA graphs on CUDA); the seconds the first
+    step spent compiling are logged and returned apart, {"compile_seconds": s}, and left out of img/s.
+    Evaluation stays eager. Raises Diverged on a NaN/inf loss.
     """
     images, labels = data.train_images, data.train_labels
     device = images.device
@@ -50,6 +53,9 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
             pl.freeze_batchnorm(model)
     train_mode()
     progress = progress or Progress((epochs - start_epoch) * steps_per_epoch * batch_size)
+    # every batch has the same shape (the last partial one is dropped), so one graph serves all steps
+    forward = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) if compile else model
+    compile_seconds = None
     said_estimate = False
     for epoch in range(start_epoch, epochs):
         start, last_live = time.time(), time.time()
@@ -62,8 +68,9 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
             if lr_at is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(global_step, epochs * steps_per_epoch)
+            step_start = time.time()
             with autocast(device):
-                logits = model(x)
+                logits = forward(x)
                 loss = loss_fn(logits.float(), y)
             if not torch.isfinite(loss):
                 lr = optimizer.param_groups[0]["lr"]
@@ -72,6 +79,11 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if compile and compile_seconds is None:  # the first step compiled the graphs: time it apart
+                compile_seconds = time.time() - step_start
+                start += compile_seconds
+                progress.start += compile_seconds
+                log(f"  compiled the training step in {compile_seconds:.1f} s (not counted in img/s or the eta)")
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
@@ -103,6 +115,7 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
         log(f"{line}  {seen / seconds:.0f} img/s  run eta {duration(progress.eta())}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, test_acc if test_images is not None else None)
+    return {} if compile_seconds is None else dict(compile_seconds=compile_seconds)
 
 
 class Progress:
@@ -221,7 +234,7 @@ def train(args, data, device, log=print, progress=None):
         fit(model, data, index, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
             generator=generator, lr_at=lambda step, total: warmup_cosine(step, total, args.lr),
             start_epoch=start_epoch, on_epoch_end=save, test_images=test_images, test_labels=test_labels, log=log,
-            progress=progress)
+            progress=progress, compile=getattr(args, "compile", False))
     except Diverged as e:
         kept = (f"the checkpoint after epoch {saved[-1]} is kept at {out}" if saved else
                 f"{out} is left as it was" if out.exists() else "no checkpoint was written")
@@ -252,6 +265,9 @@ def add_data_args(group, many_seeds=False):
         group.add_argument("--seed", type=int, default=0, help="seeds model init, data order and augmentation")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                        help="auto: cuda where PyTorch sees a GPU, else cpu")
+    group.add_argument("--compile", action="store_true",
+                       help="run training steps through torch.compile (CUDA graphs on CUDA); compiling takes "
+                       "its own time, reported apart")
 
 
 def add_train_args(group, prefix=""):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import prunelora as pl
-from bench import BENCH_METHODS, bench_step_times, inference_time_ratio, print_bench, profile_bench
+from bench import BENCH_METHODS, COMPILED, bench_step_times, inference_time_ratio, print_bench, profile_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, fresh_model,
                          load_checkpoint, model_from_checkpoint, save_checkpoint)
 from cli import (ArgumentParser, UserError, command_line, fraction, number, pick_device, positive_float, positive_int,
@@ -217,7 +217,8 @@ def train_base(task, args, data, progress):
         print(f"base checkpoint {task.path} is unfinished ({task.ckpt['epochs_done']} of "
               f"{task.ckpt['args']['epochs']} epochs): finishing it with the settings it was started with", flush=True)
         settings = dict({k: task.ckpt["args"].get(k) for k in RUN_KEYS}, resume=True)
-    return train(argparse.Namespace(**settings, out=str(task.path)), data, data.train_images.device, progress=progress)
+    return train(argparse.Namespace(**settings, out=str(task.path), compile=args.compile), data,
+                 data.train_images.device, progress=progress)
 
 
 def setup(args):
@@ -321,8 +322,10 @@ def run_methods(run, task, args):
                 rows[name]["time_vs_retrain"] = rows[name]["seconds"] / rows["retrain"]["seconds"]
     if set(BENCH_METHODS) & set(run.methods):  # step times on one batch, side by side
         print("timing one training step of finetune, lora and prunelora side by side", flush=True)
-        for method, bench in bench_step_times(task.ckpt, data, task.split, args, device, steps=10).items():
-            for name in (name for m, _, name in method_runs(run.methods, args.epochs) if m == method):
+        benched = bench_step_times(task.ckpt, data, task.split, args, device, steps=10, eager=False)
+        for method, bench in benched.items():  # with --compile: the compiled steps, as the methods trained
+            for name in (name for m, _, name in method_runs(run.methods, args.epochs)
+                         if m == method.removesuffix(COMPILED)):
                 rows[name]["step_time_vs_finetune"] = bench["step_time_vs_finetune"]
     noisy = near_chance(rows)
     for method in gaps_to_retrain(rows):

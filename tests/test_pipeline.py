@@ -442,3 +442,28 @@ def test_resume_rescores_finished_seeds_on_todays_depth_scale_and_ignores_print_
     rows = report.finished_seeds(partial, args)[0]
     assert rows["prunelora"]["depth_score"] == pytest.approx(0.25)  # (40 - 35) / (40 - 20)
     assert rows["prunelora"]["depth_measure"] == "ncm_acc_50"
+
+
+def test_compiled_training_gives_eager_training_s_weights_within_tolerance(synthetic_dataset):
+    """--compile: PruneLoRA's model trained for one epoch through torch.compile ends where the eager
+    run ends, up to float rounding (inductor may order sums differently): every trainable weight within
+    1e-4, relative to its own size. The compile time is returned apart."""
+    from train import fit
+    dataset, data_dir = synthetic_dataset
+    data = load_dataset(dataset, data_dir)
+    index = training_index(data)[:64]
+    weights = {}
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = build_model("cnn", 3, data.num_classes)
+        pl.prune_global(model, 0.5, exclude=("head",))
+        pl.add_lora(model, r=4, alpha=8, exclude=("head",))
+        pl.mark_only_lora_trainable(model, keep=("head",))
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        facts = fit(model, data, index, epochs=1, batch_size=16, optimizer=optimizer, freeze_bn=True,
+                    generator=torch.Generator().manual_seed(0), log=lambda line: None, compile=compile)
+        assert ("compile_seconds" in facts) == compile
+        weights[compile] = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    for name, eager in weights[False].items():
+        assert not torch.equal(eager, torch.zeros_like(eager)) or "lora_B" not in name
+        torch.testing.assert_close(weights[True][name], eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
