@@ -60,7 +60,7 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
     for epoch in range(start_epoch, epochs):
         start, last_live = time.time(), time.time()
         order = index[torch.randperm(len(index), generator=generator).to(device)]
-        loss_sum = correct = seen = 0
+        loss_sum = correct = seen = uncounted = 0  # uncounted: the images of a compiling step, not in img/s
         for step in range(steps_per_epoch):
             batch = order[step * batch_size:(step + 1) * batch_size]
             x, y = make_batch(data, images, batch, generator), labels[batch]
@@ -81,7 +81,7 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
             optimizer.step()
             if compile and compile_seconds is None:  # the first step compiled the graphs: time it apart
                 compile_seconds = time.time() - step_start
-                start += compile_seconds
+                start, uncounted = time.time(), len(y)
                 progress.start += compile_seconds
                 log(f"  compiled the training step in {compile_seconds:.1f} s (not counted in img/s or the eta)")
             loss_sum += loss.item() * len(y)
@@ -90,7 +90,7 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
             progress.add(len(y))
             # a live line on long epochs: the first after 10 s, so a slow run says early how slow it is
             if time.time() - last_live > (30 if said_estimate else 10):
-                last_live, rate, eta = time.time(), seen / (time.time() - start), progress.eta()
+                last_live, rate, eta = time.time(), (seen - uncounted) / (time.time() - start), progress.eta()
                 if not said_estimate and device.type == "cpu" and eta > 600:
                     log(f"  at {rate:.0f} img/s this run takes about {duration(eta)} more on the CPU; "
                         "for a quicker one "
@@ -112,7 +112,7 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
         if test_images is not None:
             test_acc = 100 * (outputs.argmax(1) == test_labels).float().mean().item()
             line += f"  test {test_acc:.2f}%"
-        log(f"{line}  {seen / seconds:.0f} img/s  run eta {duration(progress.eta())}")
+        log(f"{line}  {(seen - uncounted) / seconds:.0f} img/s  run eta {duration(progress.eta())}")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, test_acc if test_images is not None else None)
     return {} if compile_seconds is None else dict(compile_seconds=compile_seconds)
