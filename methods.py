@@ -39,9 +39,9 @@ class Task:
 
 def prepare_prunelora(model, args):
     """Everything before PruneLoRA's training; returns the trainable parameter count."""
-    reset_forget_rows(model, args)                        # 0. the forget classes' head rows start afresh
+    reset_forget_rows(model, args)                           # 0. the forget classes' head rows start afresh
     pl.prune_global(model, args.prune_amount, exclude=HEAD)  # 1. prune: global magnitude, head excluded
-    return adapt(model, args)                             # 2. adapt: LoRA on the frozen, pruned weights
+    return adapt(model, args)                                # 2. adapt: LoRA on the frozen, pruned weights
 
 
 def unlearn_prunelora(model, data, task, args):
@@ -52,10 +52,10 @@ def unlearn_prunelora(model, data, task, args):
         train_data, train_on = relabel_forget_nearest(model, data, task.split["forget"], args), task.split["train"]
     if args.salient_prune:  # before the head's forget rows are reset: the saliency is the base model's
         prune_forget_salient(model, data, task.split["forget"], args)
-    prepare_prunelora(model, args)
-    facts = finetune_on(model, train_data, train_on, args, task, lr=args.lora_lr,  # 3. unlearn
-                        freeze_bn=args.freeze_bn)
-    return pl.merge_lora(model), facts                                                     # 4. merge under the mask
+    prepare_prunelora(model, args)                            # 0-2. reset the forget rows, prune, adapt
+    facts = finetune_on(model, train_data, train_on, args, task,  # 3. unlearn: the factors and the head train
+                        lr=args.lora_lr, freeze_bn=args.freeze_bn)
+    return pl.merge_lora(model), facts                        # 4. merge under the mask
 
 
 def reset_forget_rows(model, args):
