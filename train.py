@@ -93,8 +93,7 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
                 last_live, rate, eta = time.time(), (seen - uncounted) / (time.time() - start), progress.eta()
                 if not said_estimate and device.type == "cpu" and eta > 600:
                     log(f"  at {rate:.0f} img/s this run takes about {duration(eta)} more on the CPU; "
-                        "for a quicker one "
-                        "use a smaller --width (resnet18/resnet50), --arch cnn, or --train-limit N")
+                        "for a quicker one use a smaller --width (resnet18/resnet50), --arch cnn, or --train-limit N")
                 said_estimate = True
                 log(f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch}  loss {loss_sum / seen:.4f}  "
                     f"{rate:.0f} img/s  run eta {duration(eta)}")
