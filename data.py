@@ -47,11 +47,11 @@ class Data:
 # name: (torchvision class, horizontal flip allowed)
 TORCHVISION_DATASETS = {"cifar10": ("CIFAR10", True), "cifar100": ("CIFAR100", True),
                         "fashion-mnist": ("FashionMNIST", True), "mnist": ("MNIST", False)}
-DATASET_HELP = f"{', '.join(TORCHVISION_DATASETS)}, or folder:PATH"
+DATASET_HELP = f"{', '.join(TORCHVISION_DATASETS)}, stripes (made here, no download), or folder:PATH"
 
 
 def check_dataset_name(name):
-    if name not in TORCHVISION_DATASETS and not (name.startswith("folder:") and len(name) > 7):
+    if name not in (*TORCHVISION_DATASETS, "stripes") and not (name.startswith("folder:") and len(name) > 7):
         raise UserError(f"unknown dataset {name!r}; allowed: {DATASET_HELP}")
 
 
@@ -61,6 +61,8 @@ def load_dataset(name, data_dir="data"):
     if name.startswith("folder:"):
         arrays = load_folder(Path(name[len("folder:"):]), Path(data_dir))
         flip = True
+    elif name == "stripes":
+        arrays, flip = make_stripes(), False  # a flip turns 36 degrees into 144: another class
     else:
         arrays, flip = load_torchvision(name, data_dir), TORCHVISION_DATASETS[name][1]
     train_images = arrays["train_images"]
@@ -95,6 +97,29 @@ def load_torchvision(name, data_dir):
         splits["train" if train else "test"] = (images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
     return dict(classes=ds.classes, train_images=splits["train"][0], train_labels=splits["train"][1],
                 test_images=splits["test"][0], test_labels=splits["test"][1])
+
+
+# a dataset that needs no download, so that a first run works offline: the class is the stripes' angle and width
+STRIPES = [f"{angle}deg-{width}" for width in ("wide", "narrow") for angle in (0, 36, 72, 108, 144)]
+
+
+def make_stripes(train_per_class=500, test_per_class=100, seed=0):
+    """'stripes': 32x32 RGB sinusoidal stripes, 10 classes (5 angles x 2 widths), each image with a random
+    phase, random colours and pixel noise; generated from `seed`, the same images every time."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
+    arrays = dict(classes=STRIPES)
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = np.repeat(np.arange(len(STRIPES)), per_class)
+        angle = np.deg2rad(36 * (labels % 5))[:, None, None]
+        frequency = np.where(labels < 5, 0.5, 1.0)[:, None, None]  # radians per pixel: wide, then narrow
+        phase = rng.uniform(0, 2 * np.pi, (len(labels), 1, 1))
+        wave = np.sin(frequency * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)  # (N, 32, 32)
+        colours = rng.uniform(0.2, 1.0, (len(labels), 3, 1, 1))
+        images = 0.5 + 0.25 * wave[:, None] * colours + rng.normal(0, 0.6, (len(labels), 3, 32, 32))
+        arrays[f"{split}_images"] = torch.from_numpy((images.clip(0, 1) * 255).astype(np.uint8))
+        arrays[f"{split}_labels"] = torch.from_numpy(labels).long()
+    return arrays
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

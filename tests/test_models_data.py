@@ -145,3 +145,14 @@ def test_which_training_images_a_run_uses_does_not_depend_on_the_device():
     ds = data.Data("tiny", list("abcd"), images, labels, images, labels, torch.zeros(1), torch.ones(1), False)
     on_cpu = data.training_index(ds, (1,), train_limit=20)
     assert torch.equal(data.training_index(ds.to("cuda"), (1,), train_limit=20), on_cpu)
+
+
+def test_the_stripes_dataset_is_made_here_the_same_every_time():
+    """--dataset stripes needs no download: 10 classes of 500 training and 100 test images, uint8,
+    identical from one load to the next (the seed is fixed), and no horizontal flip (it changes the class)."""
+    a, b = data.load_dataset("stripes"), data.load_dataset("stripes")
+    assert a.classes == data.STRIPES and len(a.classes) == 10 and not a.flip
+    assert a.train_images.shape == (5000, 3, 32, 32) and a.test_images.shape == (1000, 3, 32, 32)
+    assert a.train_images.dtype == torch.uint8 and torch.bincount(a.train_labels).tolist() == [500] * 10
+    assert torch.equal(a.train_images, b.train_images) and torch.equal(a.test_labels, b.test_labels)
+    assert not torch.equal(a.train_images[:1000], a.test_images)  # the test images are other images
