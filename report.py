@@ -67,11 +67,13 @@ def weak_base(per_seed, forget_class):
     """A warning line when a seed's base model is too weak for the comparison to mean anything, else None.
     Judged on the base's test accuracy: on the retained classes (TA) and, forgetting classes, on the
     forget classes (a model that never learned the class forgets it for free)."""
-    worst = min((rows["base"]["TA"], rows["base"].get("forget_test_acc", 100.0)) for rows in per_seed.values())
-    if min(worst) >= WEAK_BASE:
+    bases = [rows["base"] for rows in per_seed.values()]
+    retained = min(base["TA"] for base in bases)                            # the weakest seed on each
+    forgotten = min(base.get("forget_test_acc", 100.0) for base in bases)
+    if min(retained, forgotten) >= WEAK_BASE:
         return None
-    return (f"warning: the base model reaches only {worst[0]:.1f} % test accuracy on the retained classes"
-            + (f" and {worst[1]:.1f} % on the forgotten ones" if forget_class else "")
+    return (f"warning: the base model reaches only {retained:.1f} % test accuracy on the retained classes"
+            + (f" and {forgotten:.1f} % on the forgotten ones" if forget_class else "")
             + f" (under {WEAK_BASE:g} % counts as too weak): it has not learned what it is to forget, so this "
             "comparison says little; train the base longer (--base-epochs) or on more images")
 
