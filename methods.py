@@ -73,9 +73,9 @@ def reset_forget_rows(model, args):
 
 
 def adapt(model, args):
-    """Stage 2 of PruneLoRA (and all of LoRA's setup): LoRA around every Conv2d/Linear but the head,
-    which trains in full; everything else frozen. Returns the trainable parameter count."""
-    pl.add_lora(model, r=args.rank, alpha=args.alpha, dropout=args.lora_dropout, exclude=HEAD)
+    """Stage 2 of PruneLoRA (and all of LoRA's setup): LoRA on every Conv2d/Linear/attention weight but
+    the head, which trains in full; everything else frozen. Returns the trainable parameter count."""
+    pl.add_lora(model, r=args.rank, alpha=args.alpha, exclude=HEAD)
     return pl.mark_only_lora_trainable(model, keep=HEAD)
 
 
@@ -96,11 +96,12 @@ def finetune_on(model, data, index, args, task, loss_fn=F.cross_entropy, lr=None
 
 
 def saliency(model, loss):
-    """|w * dL/dw| of every Conv2d/Linear weight outside the head, {layer: scores}: a first-order estimate
-    of how much the loss would change were that weight zeroed. Leaves no .grad behind."""
-    layers = [m for _, m in pl._layers(model, HEAD)]  # the layers prune_global(..., exclude=HEAD) scores
-    grads = torch.autograd.grad(loss, [m.weight for m in layers])
-    return {m: (m.weight * g).detach().abs() for m, g in zip(layers, grads)}
+    """|w * dL/dw| of every prunable weight outside the head, {weight name: scores}: a first-order estimate
+    of how much the loss would change were that weight zeroed. Leaves no .grad behind. The model is
+    not pruned or adapted yet, so each weight is a plain parameter that the loss was computed from."""
+    weights = {name: getattr(m, t) for name, m, t in pl.prunable(model, HEAD)}  # what prune_global scores
+    grads = torch.autograd.grad(loss, list(weights.values()))
+    return {name: (w * g).detach().abs() for (name, w), g in zip(weights.items(), grads)}
 
 
 def prune_forget_salient(model, data, forget, args, images=512):
@@ -112,7 +113,7 @@ def prune_forget_salient(model, data, forget, args, images=512):
     with autocast(device):
         loss = F.cross_entropy(model(make_batch(data, data.train_images, batch)).float(), data.train_labels[batch])
     scores = saliency(model, loss)
-    pl.prune_global(model, args.salient_prune, exclude=HEAD, importance=lambda layer: -scores[layer])
+    pl.prune_global(model, args.salient_prune, exclude=HEAD, importance=lambda name, weight: -scores[name])
 
 
 def relabel_forget_nearest(model, data, forget, args):

@@ -147,8 +147,6 @@ def parse_args():
     group.add_argument("--prune-amount", type=fraction, default=0.5, help="share of weights pruned, in [0, 1)")
     group.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r")
     group.add_argument("--alpha", type=positive_float, default=16, help="LoRA alpha; scaling = alpha / r")
-    # 0, not loralib's usual 0.1: on a pruned layer dropout costs a second full convolution per step (RESULTS.md)
-    group.add_argument("--lora-dropout", type=fraction, default=0.0, help="dropout on the LoRA input")
     group.add_argument("--reset-head", type=int, choices=(0, 1), default=1,
                        help="1: re-initialise the forget classes' head rows before fine-tuning on retained data "
                        "(prunelora, lora, finetune, prune-finetune); 0: keep them, as the paper does")

@@ -93,11 +93,12 @@ def test_saliency_is_weight_times_gradient_and_prunes_what_the_loss_leans_on():
     scores = methods.saliency(model, loss())
     assert all(p.grad is None for p in model.parameters())  # torch.autograd.grad, not backward
     loss().backward()
-    assert model.head not in scores and len(scores) == len(pl._layers(model, exclude=("head",)))
-    for m, score in scores.items():
-        assert torch.allclose(score, (m.weight * m.weight.grad).abs())
+    assert "head.weight" not in scores and list(scores) == [name for name, _, _ in pl.prunable(model, ("head",))]
+    for name, score in scores.items():
+        weight = model.get_parameter(name)
+        assert torch.allclose(score, (weight * weight.grad).abs())
     before, small = loss().item(), copy.deepcopy(model)
-    pl.prune_global(model, 0.05, exclude=("head",), importance=lambda m: -scores[m])  # the most salient 5% first
+    pl.prune_global(model, 0.05, exclude=("head",), importance=lambda name, w: -scores[name])  # the most salient 5% first
     pl.prune_global(small, 0.05, exclude=("head",))                                    # the smallest 5%
     assert abs(loss().item() - before) > abs(small(x)[:, 0].sum().item() - before)
 
@@ -299,7 +300,7 @@ def test_the_bench_times_each_model_in_the_mode_unlearning_trains_it_in(syntheti
     batch = torch.arange(4)
     x, y = make_batch(data, data.train_images, batch), data.train_labels[batch]
     for freeze_bn in (1, 0):
-        args = argparse.Namespace(prune_amount=0.5, rank=2, alpha=4, lora_dropout=0.0, freeze_bn=freeze_bn,
+        args = argparse.Namespace(prune_amount=0.5, rank=2, alpha=4, freeze_bn=freeze_bn,
                                   forget_class=[1], reset_head=1)
         for name in bench.BENCH_METHODS:
             model, step = bench.trainer(name, base, x, y, args)
@@ -324,7 +325,7 @@ def test_unlearn_as_functions_forgets_several_classes(synthetic_dataset, base_ch
     dataset, data_dir = synthetic_dataset
     data = load_dataset(dataset, data_dir)
     base = load_checkpoint(base_checkpoint, dataset, "cnn")
-    args = argparse.Namespace(forget_class=[0, 3], prune_amount=0.5, rank=4, alpha=8, lora_dropout=0.0, lr=1e-3,
+    args = argparse.Namespace(forget_class=[0, 3], prune_amount=0.5, rank=4, alpha=8, lr=1e-3,
                               lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=0, salient_prune=0.0, relabel_forget=0,
                               epochs=3, batch_size=32, seed=0, arch="cnn")
     index = training_index(data)
@@ -380,7 +381,7 @@ def test_freeze_bn_keeps_the_merged_batchnorm_buffers_the_base_s_bit_for_bit(met
     data, base, split = forget_class_1(synthetic_dataset, base_checkpoint)
     buffers = {}
     for freeze in (1, 0):
-        args = argparse.Namespace(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lora_dropout=0.1, lr=1e-3,
+        args = argparse.Namespace(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lr=1e-3,
                                   lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=freeze,
                                   salient_prune=0.0, relabel_forget=0, epochs=1, batch_size=32, seed=0, arch="cnn")
         model, _ = unlearn.run_method(method, Task(0, base, None, split), data, args, torch.device("cpu"))
