@@ -114,7 +114,9 @@ def default_checkpoint(dataset, arch, exclude=(), width=None, seed=0, train_limi
     not the standard one, n<N> for a --train-limit N run (so a run on all images never picks up, or
     trains over, a model of N images), the seed only when not 0 (each seed its own base and Retrain)."""
     name = f"folder-{Path(dataset[len('folder:'):]).resolve().name}" if dataset.startswith("folder:") else dataset
-    if width is not None and width != ARCHS[arch][1]:
+    if arch.startswith("tv:"):  # tv:NAME:key=value,... -> tv-NAME-key=value-...: a plain file name
+        arch = arch.replace(":", "-").replace(",", "-")
+    elif width is not None and width != ARCHS[arch][1]:
         arch = f"{arch}-w{width}"
     if train_limit is not None:
         arch = f"{arch}-n{train_limit}"

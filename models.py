@@ -1,4 +1,5 @@
-"""The classifiers: ResNet-18/50 (CIFAR stem), ViT-S/4 and a small CNN, and build_model().
+"""The classifiers: ResNet-18/50 (CIFAR stem), ViT-S/4, a small CNN, any torchvision classifier
+(--arch tv:NAME), and build_model().
 
 Every model names its classifier "head" and has features(x) -> the penultimate features (B, D),
 so exclude=("head",) and the depth measures mean the same thing everywhere.
@@ -167,6 +168,80 @@ class SmallCNN(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# any torchvision classifier: --arch tv:NAME[:key=value,...]
+
+TV_SIZE = {"inception_v3": 75, "maxvit_t": 224}  # the input these need at least; every other model gets 32 x 32
+
+
+def parse_tv(arch):
+    """'tv:NAME[:key=value,...]' -> (NAME, {key: value}): a torchvision.models builder (as listed by
+    torchvision.models.list_models) or model class, and keyword arguments for it (ints, floats or words)."""
+    import torchvision
+    name, _, settings = arch[len("tv:"):].partition(":")
+    builders = torchvision.models.list_models(module=torchvision.models)
+    if name not in builders and not (name[:1].isupper() and isinstance(getattr(torchvision.models, name, None), type)):
+        raise UserError(f"--arch {arch}: no torchvision classification model {name!r}; allowed: tv:NAME with NAME "
+                        f"one of {', '.join(builders[:6])}, ... (torchvision.models.list_models()) or a model class "
+                        "such as VisionTransformer, with settings as tv:NAME:key=value,...")
+    kwargs = {}
+    for item in filter(None, settings.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise UserError(f"--arch {arch}: {item!r} is not key=value; allowed: tv:NAME:key=value,key=value")
+        kwargs[key] = next((kind(value) for kind in (int, float) if _parses(kind, value)), value)
+    return name, kwargs
+
+
+def _parses(kind, text):
+    try:
+        kind(text)
+        return True
+    except ValueError:
+        return False
+
+
+class Torchvision(nn.Module):
+    """A torchvision classifier shaped like this project's models: its last Linear with num_classes
+    outputs becomes `head` (an Identity takes its place inside, so features(x) is what fed it).
+    Trained from scratch at 32 x 32, the size of this project's datasets (Fashion-MNIST's 28 x 28 is
+    resized up, and so is every input for the few models that need more, see TV_SIZE); grey images
+    are repeated over three channels. ViT builders get image_size=32 (2 x 2 patches of 16)."""
+
+    def __init__(self, arch, in_channels, num_classes):
+        super().__init__()
+        import torchvision
+        name, kwargs = parse_tv(arch)
+        self.size = TV_SIZE.get(name, 32)
+        if name.startswith("vit_") or name == "VisionTransformer":
+            kwargs.setdefault("image_size", self.size)
+        if name in ("googlenet", "inception_v3"):  # one output, not the training-time auxiliary heads
+            kwargs = dict(aux_logits=False, init_weights=True, **kwargs)
+        make = getattr(torchvision.models, name) if name[:1].isupper() else torchvision.models.get_model
+        try:
+            self.net = make(num_classes=num_classes, **kwargs) if name[:1].isupper() else make(
+                name, num_classes=num_classes, **kwargs)
+        except TypeError as error:
+            raise UserError(f"--arch {arch}: {error}") from None
+        heads = [n for n, m in self.net.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+        if not heads:
+            raise UserError(f"--arch {arch}: its classifier is not a Linear layer with {num_classes} outputs "
+                            "(SqueezeNet's is a convolution); allowed: a model that ends in a Linear classifier")
+        self.head = self.net.get_submodule(heads[-1])
+        parent, _, child = heads[-1].rpartition(".")
+        setattr(self.net.get_submodule(parent) if parent else self.net, child, nn.Identity())
+        self.in_channels = in_channels
+
+    def features(self, x):
+        if self.in_channels == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.net(x)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+# -----------------------------------------------------------------------------
 # by name
 
 HEAD = ("head",)  # every architecture here names its classifier "head": exclude=HEAD means the same everywhere
@@ -182,9 +257,11 @@ ARCHS = {
 
 def check_arch(arch, width=None):
     """Fail early on an unknown arch, or a width given to an arch that has none; returns the width to use."""
-    if arch not in ARCHS:
-        raise UserError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
-    default = ARCHS[arch][1]
+    if arch.startswith("tv:"):
+        parse_tv(arch)
+    elif arch not in ARCHS:
+        raise UserError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}, or tv:NAME for a torchvision model")
+    default = ARCHS.get(arch, (None, None))[1]
     if width is not None and default is None:
         with_width = [a for a, (_, w) in ARCHS.items() if w is not None]
         raise UserError(f"--width {width} is for {' and '.join(with_width)} only, not {arch}; leave it out for {arch}")
@@ -194,6 +271,8 @@ def check_arch(arch, width=None):
 def build_model(arch, in_channels, num_classes, width=None):
     """A fresh model; width=None gives the architecture's standard width."""
     width = check_arch(arch, width)
+    if arch.startswith("tv:"):
+        return Torchvision(arch, in_channels, num_classes)
     return ARCHS[arch][0](in_channels, num_classes, width)
 
 

@@ -150,8 +150,14 @@ def warmup_cosine(step, total_steps, peak, warmup=0.05):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total_steps - warm, 1)))
 
 
-# ViT trained from scratch with SGD diverged at 0.2 and trained at 0.05 (RESULTS.md, ViT-S/4)
+# ViT trained from scratch with SGD diverged at 0.2 and trained at 0.05 (RESULTS.md, ViT-S/4); the
+# torchvision transformers (tv:vit_*, tv:VisionTransformer, tv:swin_*, tv:maxvit_t) get the same
 PEAK_LR = {"vit": 0.05}
+TRANSFORMERS = ("tv:vit_", "tv:VisionTransformer", "tv:swin", "tv:maxvit")
+
+
+def peak_lr(arch):
+    return PEAK_LR.get(arch, 0.05 if arch.startswith(TRANSFORMERS) else 0.2)
 
 # the arguments that must match for --resume to continue a run
 RUN_KEYS = ("dataset", "arch", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed",
@@ -173,7 +179,7 @@ def train(args, data, device, log=print, progress=None):
     progress: the whole run's Progress, where this training is part of a longer run (unlearn.py)."""
     out = Path(args.out)
     if args.lr is None:
-        args.lr = PEAK_LR.get(args.arch, 0.2)
+        args.lr = peak_lr(args.arch)
     run = {k: getattr(args, k, None) for k in RUN_KEYS}  # a checkpoint from before --width has no width
     ckpt = None
     if args.resume:  # every check on the checkpoint before any work
@@ -250,7 +256,8 @@ def add_data_args(group, many_seeds=False):
     """The data and model options every script shares, added to `group` (a parser or an argument group)."""
     group.add_argument("--dataset", default="cifar10", help=DATASET_HELP)
     group.add_argument("--data-dir", default="data", help="where torchvision datasets and caches live")
-    group.add_argument("--arch", default="resnet18", help=", ".join(ARCHS))
+    group.add_argument("--arch", default="resnet18", help=f"{', '.join(ARCHS)}, or tv:NAME[:key=value,...] for any "
+                       "torchvision classifier (e.g. tv:mobilenet_v3_small), trained from scratch at 32 x 32")
     group.add_argument("--width", type=positive_int, default=None,
                        help="channels of a ResNet's first stage, doubling per stage (default 64, the standard); "
                        "16 makes ResNet-18 trainable on a CPU")

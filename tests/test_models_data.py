@@ -14,7 +14,10 @@ import prunelora as pl
 # models
 
 
-@pytest.mark.parametrize("arch", list(models.ARCHS))
+TV_TINY_VIT = "tv:VisionTransformer:patch_size=8,num_layers=1,num_heads=2,hidden_dim=16,mlp_dim=32"
+
+
+@pytest.mark.parametrize("arch", [*models.ARCHS, "tv:mobilenet_v3_small", TV_TINY_VIT])
 @pytest.mark.parametrize("channels, size", [(3, 32), (1, 28)])
 def test_every_arch_prunes_adapts_and_merges_back_to_its_own_state_dict(arch, channels, size):
     torch.manual_seed(0)
@@ -26,8 +29,8 @@ def test_every_arch_prunes_adapts_and_merges_back_to_its_own_state_dict(arch, ch
     assert wrapped and not any(name.startswith("head") for name in wrapped)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, pl.LoRALayer):
-                m.lora_B.weight.normal_(0, 0.05)
+            if isinstance(m, pl.PrunedLoRA):
+                m.lora_B.normal_(0, 0.05)
     model.eval()
     expected = model(x)
     sparsity = pl.sparsity(model)
@@ -38,10 +41,27 @@ def test_every_arch_prunes_adapts_and_merges_back_to_its_own_state_dict(arch, ch
     assert pl.sparsity(fresh) == sparsity
 
 
+def test_a_torchvision_model_has_a_linear_head_and_its_attention_is_covered():
+    model = models.build_model(TV_TINY_VIT, 3, 7)
+    assert isinstance(model.head, torch.nn.Linear) and model.features(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+    names = [name for name, _, _ in pl.prunable(model, exclude=("head",))]
+    assert "net.encoder.layers.encoder_layer_0.self_attention.in_proj_weight" in names
+    assert checkpoints.default_checkpoint("cifar10", "tv:mobilenet_v3_small").name == "cifar10-tv-mobilenet_v3_small.pt"
+
+
+@pytest.mark.parametrize("arch, message", [("tv:nope", "no torchvision classification model 'nope'"),
+                                           ("tv:squeezenet1_0", "not a Linear layer"),
+                                           ("tv:VisionTransformer:patch_size", "not key=value"),
+                                           ("tv:VisionTransformer:patch_size=8", "--arch tv:VisionTransformer")])
+def test_a_bad_torchvision_arch_is_one_line_naming_it(arch, message):
+    with pytest.raises(cli.UserError, match=message):
+        models.build_model(arch, 3, 10)
+
+
 def test_vit_attention_is_made_of_linear_layers_so_pruning_reaches_it():
     model = models.build_model("vit", 3, 10)
-    names = [name for name, _ in pl._layers(model)]
-    assert "blocks.0.attn.qkv" in names and "blocks.0.attn.proj" in names
+    names = [name for name, _, _ in pl.prunable(model)]
+    assert "blocks.0.attn.qkv.weight" in names and "blocks.0.attn.proj.weight" in names
     assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
 
 # -----------------------------------------------------------------------------
