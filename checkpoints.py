@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+import distributed
 from cli import UserError
 from models import ARCHS, build_model, to_device
 
@@ -19,6 +20,8 @@ from models import ARCHS, build_model, to_device
 
 def save_atomic(path, write):
     """write(tmp_path) then rename over path; on failure the previous file stays as it was."""
+    if not distributed.is_main():  # under torchrun every process holds the same model: rank 0 alone writes
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -106,7 +109,8 @@ def model_from_checkpoint(ckpt, path="checkpoint"):
 def checkpoint_dict(model, data, arch, args, width=None, **extra):
     return dict(arch=arch, width=width, dataset=data.name, num_classes=data.num_classes,
                 in_channels=data.train_images.shape[1], classes=data.classes, mean=data.mean.cpu(), std=data.std.cpu(),
-                state_dict={k: v.cpu() for k, v in model.state_dict().items()}, args=args, **extra)
+                state_dict={k: v.cpu() for k, v in model.state_dict().items()}, args=args,
+                world_size=distributed.world_size(), **extra)
 
 
 def default_checkpoint(dataset, arch, exclude=(), width=None, seed=0, train_limit=None):

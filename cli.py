@@ -7,7 +7,9 @@ saying what was kept and the command that continues, exit status 130.
 """
 import argparse
 import math
+import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -47,22 +49,49 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class Terminated(Exception):
+    """SIGTERM: `kill`, or torchrun ending the other processes after one of them failed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run_cli(main, interrupted=None):
     """Run a script's main(); a UserError becomes one line and exit 2, a divergence exit 1, Ctrl-C one
-    line and exit 130. interrupted() says, at that moment, what was kept and how to continue."""
+    line and exit 130, SIGTERM (or a lost torchrun process) one line and exit 143 (1). interrupted() says,
+    at that moment, what was kept and how to continue. Under torchrun every process meets the same
+    errors: rank 0 alone says them, but each process says why it stopped when another one ended."""
     prog = Path(sys.argv[0]).name
+    rank = os.environ.get("RANK")  # set by torchrun
+    main_process = rank in (None, "0")
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if main_process:
+            print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Diverged as e:
-        print(f"{prog}: stopped: {e}", file=sys.stderr)
+        if main_process:
+            print(f"{prog}: stopped: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:  # every file is written atomically: a cut run leaves none half-written
         said = interrupted() if interrupted is not None else "nothing half-written is left"
-        print(f"\n{prog}: interrupted; {said}", file=sys.stderr)
+        if main_process:
+            print(f"\n{prog}: interrupted; {said}", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        said = interrupted() if interrupted is not None else "nothing half-written is left"
+        who = "" if rank is None else f" (process {rank}; under torchrun: another process ended, see its message)"
+        print(f"\n{prog}: terminated{who}; {said}", file=sys.stderr)
+        sys.exit(143)
+    except torch.distributed.DistError as e:  # a collective lost its peer: another process died
+        print(f"{prog}: stopped (process {rank}): another process of this torchrun run ended "
+              f"({str(e).strip().splitlines()[0][:160]}); nothing half-written is left", file=sys.stderr)
+        sys.exit(1)
 
 
 def command_line(*extra):

@@ -9,6 +9,7 @@ import json
 import math
 import statistics
 
+import distributed
 from checkpoints import save_text
 from cli import UserError, command_line
 from depth import add_depth_scores, separation
@@ -281,12 +282,14 @@ def report(per_seed, run, args):
         saved["time_to_target"] = {m: [dict(epochs=e, seconds=t) for e, t in hits] for m, hits in found.items()}
         notes.append(f"fewest epochs to the targets ({TARGETS})\n\n"
                      f"{time_to_target_table(found, per_seed, args.epochs[-1])}")
+    saved["world_size"] = distributed.world_size()  # processes under torchrun (1 without)
     verdict = verdicts(per_seed, args.forget_class)
     warning = weak_base(per_seed, args.forget_class)
     saved["verdicts"] = verdict + ([warning] if warning else [])
     command = command_line()
     md = "\n\n".join([f"# Unlearning results: {run.results.stem}", f"Command: `{command}`",
-                      f"Device: {run.device}. Base model{'s' if len(bases) > 1 else ''}: {', '.join(bases)}.",
+                      f"Device: {run.device}" + (f", {saved['world_size']} processes" if saved["world_size"] > 1
+                                                  else "") + f". Base model{'s' if len(bases) > 1 else ''}: {', '.join(bases)}.",
                       "Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()),
                       f"## Results ({title})", markdown_table(shown, spread), *notes,
                       f"## Verdict ({TARGETS}, against Retrain of the same seed)",

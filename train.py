@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import distributed
 import prunelora as pl
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, load_checkpoint,
                          save_checkpoint)
@@ -45,6 +46,10 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
     images, labels = data.train_images, data.train_labels
     device = images.device
     index = index.to(device)
+    processes = distributed.world_size()
+    if batch_size % processes:
+        raise UserError(f"batch size {batch_size} does not split evenly over {processes} processes; "
+                        f"allowed: a multiple of {processes}")
     steps_per_epoch = max(len(index) // batch_size, 1)  # drop the last partial batch: BatchNorm needs > 1 image
 
     def train_mode():
@@ -54,7 +59,9 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
     train_mode()
     progress = progress or Progress((epochs - start_epoch) * steps_per_epoch * batch_size)
     # every batch has the same shape (the last partial one is dropped), so one graph serves all steps
-    forward = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) if compile else model
+    forward = distributed.wrap(model)  # DistributedDataParallel under torchrun: gradients averaged over processes
+    if compile:
+        forward = torch.compile(forward, mode="reduce-overhead" if device.type == "cuda" else None)
     compile_seconds = None
     said_estimate = False
     for epoch in range(start_epoch, epochs):
@@ -63,7 +70,8 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
         loss_sum = correct = seen = uncounted = 0  # uncounted: the images of a compiling step, not in img/s
         for step in range(steps_per_epoch):
             batch = order[step * batch_size:(step + 1) * batch_size]
-            x, y = make_batch(data, images, batch, generator), labels[batch]
+            x, y = make_batch(data, images, batch, generator), labels[batch]  # the same global batch everywhere
+            x, y = distributed.share(x), distributed.share(y)                  # this process's part of it
             global_step = epoch * steps_per_epoch + step
             if lr_at is not None:
                 for group in optimizer.param_groups:
@@ -72,7 +80,7 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
             with autocast(device):
                 logits = forward(x)
                 loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
+            if not distributed.all_finite(loss):
                 lr = optimizer.param_groups[0]["lr"]
                 raise Diverged(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
                                f"(learning rate {lr:g}); the learning rate is probably too high")
@@ -87,10 +95,11 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-            progress.add(len(y))
+            progress.add(len(batch))
             # a live line on long epochs: the first after 10 s, so a slow run says early how slow it is
             if time.time() - last_live > (30 if said_estimate else 10):
-                last_live, rate, eta = time.time(), (seen - uncounted) / (time.time() - start), progress.eta()
+                last_live, eta = time.time(), progress.eta()
+                rate = processes * (seen - uncounted) / (time.time() - start)
                 if not said_estimate and device.type == "cpu" and eta > 600:
                     log(f"  at {rate:.0f} img/s this run takes about {duration(eta)} more on the CPU; "
                         "for a quicker one use a smaller --width (resnet18/resnet50), --arch cnn, or --train-limit N")
@@ -98,6 +107,7 @@ def fit(model, data, index, *, epochs, batch_size, optimizer, generator, lr_at=N
                 log(f"  epoch {epoch + 1} step {step + 1}/{steps_per_epoch}  loss {loss_sum / seen:.4f}  "
                     f"{rate:.0f} img/s  run eta {duration(eta)}")
         seconds = time.time() - start
+        loss_sum, correct, seen, uncounted = distributed.total(loss_sum, correct, seen, uncounted)
         line = (f"epoch {epoch + 1}/{epochs}  loss {loss_sum / seen:.4f}  train {100 * correct / seen:.2f}%")
         # the last step's update can break the model without any loss showing it: check its outputs
         # (on the test images, else on the last batch) before the epoch counts and anything saves it
@@ -319,7 +329,7 @@ def main():
                                                        args.train_limit))
     check_writable(args.out)
     OUT.update(path=args.out, data_dir=args.data_dir)
-    device = pick_device(args.device)
+    device = distributed.start(pick_device(args.device))  # under torchrun: join the other processes
     data = load_dataset(args.dataset, args.data_dir)
     check_classes(args.exclude_class, data.num_classes, "--exclude-class", must_leave=2)
     train(args, data.to(device), device)

@@ -10,12 +10,14 @@ plus each unlearned model, merged, as checkpoints/unlearned/...-<method>.pt (`hi
 that is not unlearning, is never saved there).
 """
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import distributed
 import prunelora as pl
 from bench import BENCH_METHODS, COMPILED, bench_step_times, inference_time_ratio, print_bench, profile_bench
 from checkpoints import (check_checkpoint_fits, check_writable, checkpoint_dict, default_checkpoint, fresh_model,
@@ -240,7 +242,9 @@ def setup(args):
     args.epochs = sorted(args.epochs)
     if len(set(args.seed)) != len(args.seed):
         raise UserError(f"--seed repeats a seed ({' '.join(map(str, args.seed))}); name each once")
-    device = pick_device(args.device)
+    if args.bench_steps and "RANK" in os.environ:
+        raise UserError("--bench-steps times one process's steps; run it with python, not torchrun")
+    device = distributed.start(pick_device(args.device))  # under torchrun: join the other processes
     tasks = []
     for seed in args.seed:
         path = Path(args.base or default_checkpoint(args.dataset, args.arch, width=args.width, seed=seed,
@@ -353,7 +357,8 @@ def main():
         if len(run.tasks) > 1:
             save_partial(per_seed, args, partial)
     report({task.seed: per_seed[task.seed] for task in run.tasks}, run, args)
-    partial.unlink(missing_ok=True)
+    if distributed.is_main():
+        partial.unlink(missing_ok=True)
 
 
 def interrupted():
