@@ -10,7 +10,9 @@ merge_lora. The columns (an x marks a failure, and the script exits 1):
   adapted         weights adapted / all Conv2d, Linear and attention weights; share of all parameters
   B=0             the freshly adapted model gives exactly the pruned model's output
   reached         adapters whose B gets a nonzero gradient in the first step (A's is zero while B = 0);
-                  the others never train: downstream of an emptied layer, or a gradient that underflows
+                  the others never train: downstream of an emptied layer, or a gradient that underflows.
+                  Dropout and stochastic depth are switched off for the count: with 2 images, stochastic
+                  depth drops whole blocks for the batch at random
   prune+FT grad   pruned weights that get a gradient when every weight trains (Prune+FT)
   copy, load      copy.deepcopy, and the state_dict loaded into a model pruned and adapted otherwise,
                   give exactly the same output
@@ -34,7 +36,7 @@ import prunelora as pl
 NUM_CLASSES = 10
 ARGS = {"googlenet": dict(aux_logits=False, init_weights=True), "inception_v3": dict(aux_logits=False,
                                                                                       init_weights=True)}
-SIZE = {"inception_v3": 75, "maxvit_t": 224}  # the smallest inputs these accept; the rest take 32 x 32
+SIZE = {"alexnet": 64, "inception_v3": 75, "maxvit_t": 224}  # the smallest inputs these accept; the rest: 32 x 32
 
 
 def build(name, **extra):
@@ -51,6 +53,15 @@ def head_name(model):
     """The classifier: the last Conv2d/Linear with NUM_CLASSES outputs."""
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
             and getattr(m, "out_features", getattr(m, "out_channels", None)) == NUM_CLASSES][-1]
+
+
+def train_mode(model):
+    """Train mode with frozen BatchNorm, as the recipe has it, and no random dropping (see `reached`)."""
+    model.train()
+    pl.freeze_batchnorm(model)
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, torchvision.ops.StochasticDepth)):
+            m.eval()
 
 
 def prepared(name, amount, seed):
@@ -75,8 +86,7 @@ def check(name, steps=2):
 
     # Prune+FT: every pruned weight should get a gradient, also where a parent reads it
     model, _, head, _ = prepared(name, 0.5, seed=0)
-    model.train()
-    pl.freeze_batchnorm(model)
+    train_mode(model)
     F.cross_entropy(model(x), labels).backward()
     pruned = [model.get_submodule(n.rpartition(".")[0]).parametrizations[n.rpartition(".")[2]].original
               for n, _, _ in pl.prunable(model, (head,))]
@@ -94,8 +104,7 @@ def check(name, steps=2):
     factors = [m for m in model.modules() if isinstance(m, pl.PrunedLoRA) and m.lora_A is not None]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for step in range(steps):
-        model.train()
-        pl.freeze_batchnorm(model)
+        train_mode(model)
         optimizer.zero_grad()
         F.cross_entropy(model(x), labels).backward()
         if step == 0:
