@@ -92,3 +92,14 @@ def test_a_killed_process_ends_the_run_with_no_partial_file(synthetic_dataset, t
     assert 1 <= ckpt["epochs_done"] < 200
     ours = [line for line in stderr.splitlines() if line.startswith("train.py:")]
     assert len(ours) == 1 and ("terminated" in ours[0] or "another process" in ours[0]), stderr[-2000:]
+
+
+def test_a_diverging_loss_stops_every_process_with_one_line(synthetic_dataset, tmp_path):
+    """The NaN stop is agreed by all processes (none waits forever in a collective): exit 1, one line."""
+    dataset, data_dir = synthetic_dataset
+    done = run("train.py", "--dataset", dataset, "--data-dir", data_dir, "--arch", "cnn", "--epochs", "2",
+               "--batch-size", "16", "--lr", "1e38", "--out", tmp_path / "nan.pt", cwd=tmp_path, processes=2)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("train.py:")]
+    assert len(ours) == 1 and "learning rate" in ours[0], done.stderr[-2000:]
+    assert not (tmp_path / "nan.pt").exists() and not list(tmp_path.glob(".*.tmp"))
