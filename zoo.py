@@ -80,6 +80,7 @@ def check(name, steps=2):
     torch.manual_seed(0)
     reference, size = build(name)
     keys, params = set(reference.state_dict()), sum(p.numel() for p in reference.parameters())
+    del reference  # one model in memory at a time where possible: the largest have 640M parameters
     x = torch.randn(2, 3, size, size)
     labels = torch.tensor([0, 1])
     row = dict(model=name)
@@ -91,6 +92,7 @@ def check(name, steps=2):
     pruned = [model.get_submodule(n.rpartition(".")[0]).parametrizations[n.rpartition(".")[2]].original
               for n, _, _ in pl.prunable(model, (head,))]
     row["prune+FT grad"] = (sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in pruned), len(pruned))
+    del model, pruned
 
     # the recipe
     model, _, head, row["emptied"] = prepared(name, 0.5, seed=0)
@@ -120,8 +122,9 @@ def check(name, steps=2):
         pl.add_lora(other, r=4, alpha=8, exclude=(head,))
         buffer.seek(0)
         other.load_state_dict(torch.load(buffer, weights_only=True))
+        del buffer
         row["load"] = torch.equal(other.eval()(x), out)
-        del other
+        del other, optimizer
         masks = {n: pl._mask(m, t).clone() for n, m, t in pl.prunable(model) if pl._mask(m, t) is not None}
         pl.merge_lora(model)
         row["merged"] = ((model(x) - out).abs().max() / out.abs().max()).item()
