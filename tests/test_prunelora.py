@@ -558,3 +558,27 @@ def test_the_readme_recipe_runs_as_written_and_forgets_in_its_merged_model():
     assert not factors(merged) and not any("parametrizations" in k for k in merged.state_dict())
     assert set(merged.state_dict()) == set(models.build_model("cnn", 3, 4).state_dict())
     assert 0.45 < pl.sparsity(merged) < 0.55
+
+
+@pytest.mark.parametrize("build", [
+    lambda: __import__("torchvision").models.VisionTransformer(16, 4, 2, 2, 8, 16, num_classes=5),
+    lambda: __import__("torchvision").models.SwinTransformer([2, 2], 8, [2, 1], [2, 2], [2, 2], num_classes=5),
+], ids=["vit", "swin"])
+def test_torchvisions_vit_and_swin_attention_train_and_merge(build):
+    """2-layer torchvision ViT (nn.MultiheadAttention) and Swin (its attention reads qkv.weight and
+    proj.weight itself): every adapter gets a gradient, and the merged model gives the same output."""
+    torch.manual_seed(0)
+    model = build()
+    head = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.normal_(model.get_submodule(head).weight, 0, 0.1)  # torchvision's ViT starts its head at zero
+    inputs = torch.randn(2, 3, 16, 16)
+    pl.prune_global(model, 0.5, exclude=(head,))
+    adapted = pl.add_lora(model, r=2, alpha=4, exclude=(head,))
+    assert any(name.endswith(("in_proj_weight", "qkv.weight")) for name in adapted)
+    pl.mark_only_lora_trainable(model, keep=(head,))
+    F.cross_entropy(model(inputs), torch.tensor([0, 1])).backward()
+    assert all(p.lora_B.grad is not None and p.lora_B.grad.abs().sum() > 0 for p in factors(model))
+    randomize_factors(model)
+    model.eval()
+    unmerged = model(inputs)
+    assert relative(pl.merge_lora(model)(inputs), unmerged) < 1e-5
