@@ -49,8 +49,9 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-class Terminated(Exception):
-    """SIGTERM: `kill`, or torchrun ending the other processes after one of them failed."""
+class Terminated(BaseException):
+    """SIGTERM: `kill`, or torchrun ending the other processes after one of them failed. A BaseException,
+    as KeyboardInterrupt is, so that no `except Exception` swallows it."""
 
 
 def _terminate(signum, frame):
