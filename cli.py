@@ -58,41 +58,55 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _lost_peer(error):
+    """A collective that failed because another torchrun process died: gloo raises a plain RuntimeError
+    ("Connection reset by peer"), NCCL a DistError."""
+    text = str(error)
+    return torch.distributed.is_initialized() and (
+        isinstance(error, torch.distributed.DistError) or "gloo" in text or "NCCL" in text or "Connection" in text)
+
+
 def run_cli(main, interrupted=None):
     """Run a script's main(); a UserError becomes one line and exit 2, a divergence exit 1, Ctrl-C one
-    line and exit 130, SIGTERM (or a lost torchrun process) one line and exit 143 (1). interrupted() says,
-    at that moment, what was kept and how to continue. Under torchrun every process meets the same
-    errors: rank 0 alone says them, but each process says why it stopped when another one ended."""
+    line and exit 130, SIGTERM one line and exit 143, a lost torchrun process one line and exit 1.
+    interrupted() says, at that moment, what was kept and how to continue. Under torchrun every process
+    meets the same errors: rank 0 alone says them, but each process says why it stopped when another
+    one ended (torchrun then prints its own summary)."""
     prog = Path(sys.argv[0]).name
     rank = os.environ.get("RANK")  # set by torchrun
-    main_process = rank in (None, "0")
     signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    except UserError as e:
-        if main_process:
-            print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Diverged as e:
-        if main_process:
-            print(f"{prog}: stopped: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:  # every file is written atomically: a cut run leaves none half-written
-        said = interrupted() if interrupted is not None else "nothing half-written is left"
-        if main_process:
-            print(f"\n{prog}: interrupted; {said}", file=sys.stderr)
-        sys.exit(130)
-    except Terminated:
-        said = interrupted() if interrupted is not None else "nothing half-written is left"
+    except BaseException as error:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # first: torchrun's SIGTERM must not cut what follows
+        ending = _ending(error, prog, rank, interrupted)
+        if ending is None:  # a bug (its traceback), or sys.exit
+            raise
+        line, status, everywhere = ending
+        if everywhere or rank in (None, "0"):
+            print(line, file=sys.stderr)
+        sys.exit(status)
+
+
+def _ending(error, prog, rank, interrupted):
+    """(the one line, the exit status, whether every torchrun process says it) for an error people
+    should read as one line; None for the others."""
+    kept = (lambda: interrupted()) if interrupted is not None else (lambda: "nothing half-written is left")
+    if isinstance(error, UserError):
+        return f"{prog}: error: {error}", 2, False
+    if isinstance(error, Diverged):
+        return f"{prog}: stopped: {error}", 1, False
+    if isinstance(error, KeyboardInterrupt):  # every file is written atomically: none is left half-written
+        return f"\n{prog}: interrupted; {kept()}", 130, False
+    if isinstance(error, Terminated):
         who = "" if rank is None else f" (process {rank}; under torchrun: another process ended, see its message)"
-        print(f"\n{prog}: terminated{who}; {said}", file=sys.stderr)
-        sys.exit(143)
-    except torch.distributed.DistError as e:  # a collective lost its peer: another process died
-        print(f"{prog}: stopped (process {rank}): another process of this torchrun run ended "
-              f"({str(e).strip().splitlines()[0][:160]}); nothing half-written is left", file=sys.stderr)
-        sys.exit(1)
+        return f"\n{prog}: terminated{who}; {kept()}", 143, True
+    if isinstance(error, (RuntimeError, torch.distributed.DistError)) and _lost_peer(error):
+        return (f"{prog}: stopped (process {rank}): another process of this torchrun run ended "
+                f"({str(error).strip().splitlines()[0][:160]}); {kept()}", 1, True)
+    return None
 
 
 def command_line(*extra):
