@@ -287,9 +287,9 @@ def report(per_seed, run, args):
     warning = weak_base(per_seed, args.forget_class)
     saved["verdicts"] = verdict + ([warning] if warning else [])
     command = command_line()
+    device = f"{run.device}" + (f", {saved['world_size']} processes" if saved["world_size"] > 1 else "")
     md = "\n\n".join([f"# Unlearning results: {run.results.stem}", f"Command: `{command}`",
-                      f"Device: {run.device}" + (f", {saved['world_size']} processes" if saved["world_size"] > 1
-                                                  else "") + f". Base model{'s' if len(bases) > 1 else ''}: {', '.join(bases)}.",
+                      f"Device: {device}. Base model{'s' if len(bases) > 1 else ''}: {', '.join(bases)}.",
                       "Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()),
                       f"## Results ({title})", markdown_table(shown, spread), *notes,
                       f"## Verdict ({TARGETS}, against Retrain of the same seed)",
