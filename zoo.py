@@ -10,9 +10,10 @@ merge_lora. The columns (an x marks a failure, and the script exits 1):
   adapted         weights adapted / all Conv2d, Linear and attention weights; share of all parameters
   B=0             the freshly adapted model gives exactly the pruned model's output
   reached         adapters whose B gets a nonzero gradient in the first step (A's is zero while B = 0);
-                  the others never train: downstream of an emptied layer, or a gradient that underflows.
-                  Dropout and stochastic depth are switched off for the count: with 2 images, stochastic
-                  depth drops whole blocks for the batch at random
+                  the others have no path to the loss in this random model at this input size (behind an
+                  emptied layer, or a depthwise conv whose kept taps all miss a 1 x 1 map): Prune+FT then
+                  falls short by the same weights. Dropout and stochastic depth are off for the count
+                  (with 2 images, stochastic depth drops whole blocks for the batch at random)
   prune+FT grad   pruned weights that get a gradient when every weight trains (Prune+FT)
   copy, load      copy.deepcopy, and the state_dict loaded into a model pruned and adapted otherwise,
                   give exactly the same output

@@ -178,3 +178,11 @@ def test_the_stripes_dataset_is_made_here_the_same_every_time():
     assert a.train_images.dtype == torch.uint8 and torch.bincount(a.train_labels).tolist() == [500] * 10
     assert torch.equal(a.train_images, b.train_images) and torch.equal(a.test_labels, b.test_labels)
     assert not torch.equal(a.train_images[:1000], a.test_images)  # the test images are other images
+
+
+def test_zoo_checks_every_equivalence_on_a_depthwise_torchvision_model():
+    """zoo.py (not in the default run: the whole zoo takes long) on one small model: its checks pass."""
+    import zoo
+    row = zoo.check("mobilenet_v3_small")
+    assert row["B=0"] and row["copy"] and row["load"] and row["keys"] and row["zeros"] and row["merged"] <= 1e-4
+    assert row["adapted"][0] == row["adapted"][1] - 1 and row["reached"][0] == row["reached"][1]
