@@ -103,7 +103,7 @@ def _ending(error, prog, rank, interrupted):
     if isinstance(error, Terminated):
         who = "" if rank is None else f" (process {rank}; under torchrun: another process ended, see its message)"
         return f"\n{prog}: terminated{who}; {kept()}", 143, True
-    if isinstance(error, (RuntimeError, torch.distributed.DistError)) and _lost_peer(error):
+    if isinstance(error, RuntimeError) and _lost_peer(error):  # (DistError is a RuntimeError)
         return (f"{prog}: stopped (process {rank}): another process of this torchrun run ended "
                 f"({str(error).strip().splitlines()[0][:160]}); {kept()}", 1, True)
     return None

@@ -77,8 +77,3 @@ def total(*numbers):
                           device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(values)
     return tuple(values.tolist())
-
-
-def end():
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -170,7 +170,16 @@ class SmallCNN(nn.Module):
 # -----------------------------------------------------------------------------
 # any torchvision classifier: --arch tv:NAME[:key=value,...]
 
-TV_SIZE = {"inception_v3": 75, "maxvit_t": 224}  # the input these need at least; every other model gets 32 x 32
+TV_SIZE = {"alexnet": 64, "inception_v3": 75, "maxvit_t": 224}  # the input these need at least; the rest: 32 x 32
+
+
+def tv_size(name):
+    """The input side a torchvision model is built and fed at: 32 (this project's images), more where the
+    model needs it; a ViT builder's patch size is in its name (vit_h_14), and the side a multiple of it."""
+    if name.startswith("vit_"):
+        patch = int(name.rsplit("_", 1)[1])
+        return patch * max(2, -(-32 // patch))  # at least 2 x 2 patches and 32 x 32
+    return TV_SIZE.get(name, 32)
 
 
 def parse_tv(arch):
@@ -188,16 +197,18 @@ def parse_tv(arch):
         key, eq, value = item.partition("=")
         if not eq or not key.isidentifier():
             raise UserError(f"--arch {arch}: {item!r} is not key=value; allowed: tv:NAME:key=value,key=value")
-        kwargs[key] = next((kind(value) for kind in (int, float) if _parses(kind, value)), value)
+        kwargs[key] = _number(value)
     return name, kwargs
 
 
-def _parses(kind, text):
-    try:
-        kind(text)
-        return True
-    except ValueError:
-        return False
+def _number(text):
+    """'4' -> 4, '0.1' -> 0.1, anything else stays text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 class Torchvision(nn.Module):
@@ -205,22 +216,23 @@ class Torchvision(nn.Module):
     outputs becomes `head` (an Identity takes its place inside, so features(x) is what fed it).
     Trained from scratch at 32 x 32, the size of this project's datasets (Fashion-MNIST's 28 x 28 is
     resized up, and so is every input for the few models that need more, see TV_SIZE); grey images
-    are repeated over three channels. ViT builders get image_size=32 (2 x 2 patches of 16)."""
+    are repeated over three channels. ViT builders get image_size=tv_size(name) (vit_b_16: 32, 2 x 2 patches)."""
 
     def __init__(self, arch, in_channels, num_classes):
         super().__init__()
         import torchvision
         name, kwargs = parse_tv(arch)
-        self.size = TV_SIZE.get(name, 32)
+        self.size = tv_size(name)
         if name.startswith("vit_") or name == "VisionTransformer":
             kwargs.setdefault("image_size", self.size)
         if name in ("googlenet", "inception_v3"):  # one output, not the training-time auxiliary heads
             kwargs = dict(aux_logits=False, init_weights=True, **kwargs)
-        make = getattr(torchvision.models, name) if name[:1].isupper() else torchvision.models.get_model
         try:
-            self.net = make(num_classes=num_classes, **kwargs) if name[:1].isupper() else make(
-                name, num_classes=num_classes, **kwargs)
-        except TypeError as error:
+            if name[:1].isupper():  # a model class, e.g. VisionTransformer
+                self.net = getattr(torchvision.models, name)(num_classes=num_classes, **kwargs)
+            else:
+                self.net = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+        except (TypeError, ValueError, AssertionError) as error:  # a missing or bad setting (a patch size not dividing)
             raise UserError(f"--arch {arch}: {error}") from None
         heads = [n for n, m in self.net.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
         if not heads:

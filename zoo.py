@@ -33,21 +33,21 @@ import torchvision
 from torch import nn
 
 import prunelora as pl
+from models import tv_size
 
 NUM_CLASSES = 10
 ARGS = {"googlenet": dict(aux_logits=False, init_weights=True), "inception_v3": dict(aux_logits=False,
                                                                                       init_weights=True)}
-# the smallest inputs these accept (SqueezeNet: at 32 x 32 its final ReLU zeroes every output of a random
-# model, and a check on zeros checks nothing); the rest: 32 x 32
-SIZE = {"alexnet": 64, "inception_v3": 75, "maxvit_t": 224, "squeezenet1_0": 64, "squeezenet1_1": 64}
+# models.tv_size: 32 x 32, more where a model needs it (as --arch tv: builds them); SqueezeNet at 64 here,
+# since at 32 x 32 its final ReLU zeroes every output of a random model, and a check on zeros checks nothing
+SIZE = {"squeezenet1_0": 64, "squeezenet1_1": 64}
 
 
 def build(name, **extra):
     """torchvision model `name`, random init, 10 classes, and its input size."""
     kwargs = dict(ARGS.get(name, {}), num_classes=NUM_CLASSES, **extra)
-    size = SIZE.get(name, 32)
+    size = SIZE.get(name) or tv_size(name)
     if name.startswith("vit_"):
-        size = 2 * int(name.rsplit("_", 1)[1])  # 2 x 2 patches; the patch size is in the name
         kwargs["image_size"] = size
     return torchvision.models.get_model(name, **kwargs), size
 

@@ -54,10 +54,19 @@ def test_a_torchvision_model_has_a_linear_head_and_its_attention_is_covered():
 @pytest.mark.parametrize("arch, message", [("tv:nope", "no torchvision classification model 'nope'"),
                                            ("tv:squeezenet1_0", "not a Linear layer"),
                                            ("tv:VisionTransformer:patch_size", "not key=value"),
-                                           ("tv:VisionTransformer:patch_size=8", "--arch tv:VisionTransformer")])
+                                           ("tv:VisionTransformer:patch_size=8", "--arch tv:VisionTransformer"),
+                                           (TV_TINY_VIT.replace("patch_size=8", "patch_size=5"), "indivisible")])
 def test_a_bad_torchvision_arch_is_one_line_naming_it(arch, message):
     with pytest.raises(cli.UserError, match=message):
         models.build_model(arch, 3, 10)
+
+
+def test_a_torchvision_model_that_needs_larger_inputs_gets_them():
+    """AlexNet's pooling needs more than 32 x 32: tv_size feeds it 64 x 64 (resized), and a ViT builder
+    gets a side its patch divides (vit_h_14: 42)."""
+    model = models.build_model("tv:alexnet", 1, 7)
+    assert model.size == 64 and model(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+    assert models.tv_size("vit_h_14") == 42 and models.tv_size("vit_b_16") == 32
 
 
 def test_vit_attention_is_made_of_linear_layers_so_pruning_reaches_it():
