@@ -8,7 +8,7 @@ No DataLoader and no workers: the whole of CIFAR-10 is 180 MB as uint8, so it si
 and a batch is one gather, a random crop with 4 pixels of padding and a horizontal flip.
 """
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -303,6 +303,13 @@ def forget_split(data, index, forget_classes=(), share=None, index_file=None, se
 
 def forget_mask(labels, forget_classes):
     return torch.isin(labels, torch.tensor(list(forget_classes), dtype=torch.long, device=labels.device))
+
+
+def with_labels(data, index, labels):
+    """The same image tensors, with the training images at index labelled `labels` instead."""
+    new = data.train_labels.clone()
+    new[index] = labels.to(new.device)
+    return replace(data, train_labels=new)
 
 # -----------------------------------------------------------------------------
 # batches, augmentation and prediction, on the device

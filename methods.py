@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import deep
 import prunelora as pl
 from checkpoints import default_checkpoint, load_checkpoint
-from cli import UserError, autocast
-from data import make_batch, predict
+from cli import UserError
+from data import with_labels
 from depth import hide_classes
 from models import HEAD
 from train import RUN_KEYS, fit, train, warmup_cosine
@@ -46,15 +47,25 @@ def prepare_prunelora(model, args):
 
 def unlearn_prunelora(model, data, task, args):
     """PruneLoRA: prune the base, adapt it with LoRA on the frozen, pruned weights, unlearn by training
-    only the low-rank factors and the head on the retained images, then merge (sparsity kept)."""
-    train_data, train_on = data, task.split["retain"]
-    if args.relabel_forget:  # variant: the forget images too, labelled by the base model (before any change)
-        train_data, train_on = relabel_forget_nearest(model, data, task.split["forget"], args), task.split["train"]
+    only the low-rank factors and the head on the retained images, then merge (sparsity kept).
+    The variants aimed at deeper forgetting (deep.py) are options, each off by default."""
+    train_data, train_on, loss_fn = data, task.split["retain"], F.cross_entropy
+    if args.relabel_forget:  # the forget images too, labelled by the base model (before any change)
+        train_data, train_on = deep.relabel_forget_nearest(model, data, task.split["forget"], args), task.split["train"]
+    if args.push or args.hold:  # the forget images too, under a term on their features (the base's prototypes)
+        loss_fn = deep.forget_feature_loss(model, data, task.split, args.forget_class, args)
+        train_on = task.split["train"]
     if args.salient_prune:  # before the head's forget rows are reset: the saliency is the base model's
-        prune_forget_salient(model, data, task.split["forget"], args)
+        deep.prune_forget_salient(model, data, task.split["forget"], args)
     prepare_prunelora(model, args)                            # 0-2. reset the forget rows, prune, adapt
-    facts = finetune_on(model, train_data, train_on, args, task,  # 3. unlearn: the factors and the head train
-                        lr=args.lora_lr, freeze_bn=args.freeze_bn)
+    if args.project_start:
+        deep.projection_start(model, data, task.split, args.project_start, seed=args.seed)
+    try:
+        facts = finetune_on(model, train_data, train_on, args, task,  # 3. unlearn: the factors and the head train
+                            loss_fn=loss_fn, lr=args.lora_lr, freeze_bn=args.freeze_bn)
+    finally:
+        if isinstance(loss_fn, deep.ForgetFeatureLoss):
+            loss_fn.remove()
     return pl.merge_lora(model), facts                        # 4. merge under the mask
 
 
@@ -90,50 +101,6 @@ def finetune_on(model, data, index, args, task, loss_fn=F.cross_entropy, lr=None
                    freeze_bn=freeze_bn, log=lambda line: print("   ", line, flush=True), progress=task.progress,
                    compile=getattr(args, "compile", False))
     return dict(trainable_params=sum(p.numel() for p in params), **compiled)
-
-# -----------------------------------------------------------------------------
-# PruneLoRA variants aimed at deeper forgetting: --salient-prune, --relabel-forget
-
-
-def saliency(model, loss):
-    """|w * dL/dw| of every prunable weight outside the head, {weight name: scores}: a first-order estimate
-    of how much the loss would change were that weight zeroed. Leaves no .grad behind. The model is
-    not pruned or adapted yet, so each weight is a plain parameter that the loss was computed from."""
-    weights = {name: getattr(m, t) for name, m, t in pl.prunable(model, HEAD)}  # what prune_global scores
-    grads = torch.autograd.grad(loss, list(weights.values()))
-    return {name: (w * g).detach().abs() for (name, w), g in zip(weights.items(), grads)}
-
-
-def prune_forget_salient(model, data, forget, args, images=512):
-    """--salient-prune Q: prune the share Q of weights the forget images' loss leans on most (highest
-    |w * dL/dw| over up to `images` of them, drawn with the seed), a variant aimed at deeper forgetting."""
-    device = data.train_images.device
-    batch = forget[torch.randperm(len(forget), generator=torch.Generator().manual_seed(args.seed))[:images]].to(device)
-    model.eval()  # BatchNorm with the base's statistics, none of them updated
-    with autocast(device):
-        loss = F.cross_entropy(model(make_batch(data, data.train_images, batch)).float(), data.train_labels[batch])
-    scores = saliency(model, loss)
-    pl.prune_global(model, args.salient_prune, exclude=HEAD, importance=lambda name, weight: -scores[name])
-
-
-def relabel_forget_nearest(model, data, forget, args):
-    """--relabel-forget 1: the data with each forget image labelled as the class the base model ranks
-    highest after its own, never a forget class. Trained on with the retained images, these labels
-    give the features a reason to move the forget images into their nearest other class, not only
-    the head a reason to stop naming it: a variant aimed at deeper forgetting."""
-    forget = forget.to(data.train_labels.device)
-    logits = predict(model, data, data.train_images[forget])  # (n, classes)
-    own = data.train_labels[forget]
-    logits[torch.arange(len(own), device=logits.device), own] = float("-inf")
-    logits[:, list(args.forget_class)] = float("-inf")
-    return with_labels(data, forget, logits.argmax(1))
-
-
-def with_labels(data, index, labels):
-    """The same image tensors, with the training images at index labelled `labels` instead."""
-    new = data.train_labels.clone()
-    new[index] = labels.to(new.device)
-    return dataclasses.replace(data, train_labels=new)
 
 # -----------------------------------------------------------------------------
 # the baselines

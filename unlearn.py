@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import deep
 import distributed
 import prunelora as pl
 from bench import BENCH_METHODS, COMPILED, bench_step_times, inference_time_ratio, print_bench, profile_bench
@@ -155,12 +156,7 @@ def parse_args():
     group.add_argument("--freeze-bn", type=int, choices=(0, 1), default=1,
                        help="1: BatchNorm statistics stay the base's during prunelora and lora, so only the low-rank "
                        "update and the head change; 0: they drift with the retained data, as in the paper's code")
-    group.add_argument("--salient-prune", type=fraction, default=0.0, metavar="Q",
-                       help="prunelora only, for deeper forgetting: first prune the share Q of weights the forget "
-                       "images' loss leans on most (|w * dL/dw|), then --prune-amount of the rest by magnitude")
-    group.add_argument("--relabel-forget", type=int, choices=(0, 1), default=0,
-                       help="prunelora only, for deeper forgetting: 1 also trains on the forget images, each labelled "
-                       "as the class the base model ranks highest after its own (never a forget class)")
+    deep.add_args(parser.add_argument_group("prunelora aimed at deeper forgetting (deep.py; each off by default)"))
     group = parser.add_argument_group("base model (trained first where --base does not exist)")
     group.add_argument("--base", default=None,
                        help="base checkpoint for every seed (default: checkpoints/<dataset>-<arch>[-w<W>][-n<N>]"
@@ -233,6 +229,7 @@ def setup(args):
             raise UserError("--method hidden masks whole classes; it has no meaning with --forget-share or "
                             "--forget-index")
         methods = [m for m in methods if m != "hidden"]
+    deep.check_args(args, methods)
     if args.bench_profile and not args.bench_steps:
         raise UserError("--bench-profile profiles the --bench-steps steps; give --bench-steps N too")
     check_dataset_name(args.dataset)

@@ -1,7 +1,14 @@
-"""Shared test fixtures: a tiny synthetic image dataset in ImageFolder layout."""
+"""Shared test fixtures: a tiny synthetic image dataset in ImageFolder layout, and a cnn trained on it."""
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
+
+from checkpoints import load_checkpoint
+from data import load_dataset, training_index
 
 SYNTHETIC_CLASSES = 4
 
@@ -29,3 +36,27 @@ def synthetic_dataset(tmp_path_factory):
     """(dataset flag, data dir) for a synthetic folder: dataset shared by the whole session."""
     root = write_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "images")
     return f"folder:{root}", str(root.parent / "data")
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(synthetic_dataset, tmp_path_factory):
+    """A small cnn trained on the synthetic data through the real command line."""
+    dataset, data_dir = synthetic_dataset
+    out = tmp_path_factory.mktemp("base") / "base.pt"
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"), "--dataset",
+                             dataset, "--data-dir", data_dir, "--arch", "cnn", "--epochs", "2", "--batch-size", "32",
+                             "--lr", "0.05", "--out", str(out)], cwd=out.parent, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.fixture
+def class_1_task(synthetic_dataset, base_checkpoint):
+    """(data, base checkpoint, split) for forgetting class 1 of the synthetic data."""
+    dataset, data_dir = synthetic_dataset
+    data = load_dataset(dataset, data_dir)
+    index = training_index(data)
+    forget = data.train_labels == 1
+    split = dict(train=index, retain=index[~forget], forget=index[forget])
+    return data, load_checkpoint(base_checkpoint, dataset, "cnn"), split

@@ -33,16 +33,6 @@ def run(script, *args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def base_checkpoint(synthetic_dataset, tmp_path_factory):
-    """A small cnn trained on the synthetic data through the real command line."""
-    dataset, data_dir = synthetic_dataset
-    out = tmp_path_factory.mktemp("base") / "base.pt"
-    result = run("train.py", "--dataset", dataset, "--data-dir", data_dir, "--arch", "cnn", "--epochs", "2",
-                 "--batch-size", "32", "--lr", "0.05", "--out", out, cwd=out.parent)
-    assert result.returncode == 0, result.stderr
-    return out
-
 # -----------------------------------------------------------------------------
 # metrics
 
@@ -84,23 +74,6 @@ def test_metrics_of_a_model_that_predicts_one_class():
 
 # -----------------------------------------------------------------------------
 # the scripts, end to end
-
-
-def test_saliency_is_weight_times_gradient_and_prunes_what_the_loss_leans_on():
-    torch.manual_seed(0)
-    model, x = build_model("cnn", 3, 4), torch.randn(8, 3, 32, 32)
-    loss = lambda: model(x)[:, 0].sum()
-    scores = methods.saliency(model, loss())
-    assert all(p.grad is None for p in model.parameters())  # torch.autograd.grad, not backward
-    loss().backward()
-    assert "head.weight" not in scores and list(scores) == [name for name, _, _ in pl.prunable(model, ("head",))]
-    for name, score in scores.items():
-        weight = model.get_parameter(name)
-        assert torch.allclose(score, (weight * weight.grad).abs())
-    before, small = loss().item(), copy.deepcopy(model)
-    pl.prune_global(model, 0.05, exclude=("head",), importance=lambda name, w: -scores[name])  # the most salient 5% first
-    pl.prune_global(small, 0.05, exclude=("head",))                                    # the smallest 5%
-    assert abs(loss().item() - before) > abs(small(x)[:, 0].sum().item() - before)
 
 
 def test_unlearn_all_methods_from_the_command_line(synthetic_dataset, base_checkpoint, tmp_path):
@@ -327,6 +300,7 @@ def test_unlearn_as_functions_forgets_several_classes(synthetic_dataset, base_ch
     base = load_checkpoint(base_checkpoint, dataset, "cnn")
     args = argparse.Namespace(forget_class=[0, 3], prune_amount=0.5, rank=4, alpha=8, lr=1e-3,
                               lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=0, salient_prune=0.0, relabel_forget=0,
+                              push=0.0, hold=0.0, project_start=0,
                               epochs=3, batch_size=32, seed=0, arch="cnn")
     index = training_index(data)
     forget = torch.isin(data.train_labels, torch.tensor(args.forget_class))
@@ -336,54 +310,15 @@ def test_unlearn_as_functions_forgets_several_classes(synthetic_dataset, base_ch
     assert row["sparsity"] == pytest.approx(pl.sparsity(model)) and row["sparsity"] > 0.45
 
 
-def forget_class_1(synthetic_dataset, base_checkpoint):
-    """The synthetic data, the base checkpoint, and the split that forgets class 1."""
-    dataset, data_dir = synthetic_dataset
-    data = load_dataset(dataset, data_dir)
-    index = training_index(data)
-    forget = data.train_labels == 1
-    return data, load_checkpoint(base_checkpoint, dataset, "cnn"), dict(train=index, retain=index[~forget], forget=index[forget])
-
-
-def test_salient_prune_first_prunes_what_the_forget_images_lean_on(synthetic_dataset, base_checkpoint):
-    data, base, split = forget_class_1(synthetic_dataset, base_checkpoint)
-    args = argparse.Namespace(forget_class=[1], prune_amount=0.5, salient_prune=0.1, seed=0)
-    model = build_model("cnn", 3, data.num_classes)
-    model.load_state_dict(base["state_dict"])
-    before = unlearning_metrics(model, data, [1], split["train"])["forget_test_acc"]
-    methods.prune_forget_salient(model, data, split["forget"], args)
-    assert pl.sparsity(model) == pytest.approx(0.1, abs=0.01)  # the head (not pruned) is counted in the total
-    assert unlearning_metrics(model, data, [1], split["train"])["forget_test_acc"] < before  # the class's weights went first
-
-
-def test_relabel_forget_gives_each_forget_image_the_class_the_base_ranks_next_never_a_forget_class(
-        synthetic_dataset, base_checkpoint):
-    data, base, split = forget_class_1(synthetic_dataset, base_checkpoint)
-    model = build_model("cnn", 3, data.num_classes)
-    model.load_state_dict(base["state_dict"])
-    for forget_class, forget in (([1], split["forget"]), ([], split["retain"][:20])):  # a class; a sample
-        relabelled = methods.relabel_forget_nearest(model, data, forget, argparse.Namespace(forget_class=forget_class))
-        new, own = relabelled.train_labels[forget], data.train_labels[forget]
-        assert not (new == own).any() and not torch.isin(new, torch.tensor(forget_class, dtype=new.dtype)).any()
-        logits = predict(model, data, data.train_images[forget])
-        allowed = torch.ones_like(logits, dtype=torch.bool)
-        allowed[torch.arange(len(own)), own] = False
-        allowed[:, forget_class] = False
-        best_allowed = logits.masked_fill(~allowed, float("-inf")).max(1).values
-        assert torch.equal(logits.gather(1, new[:, None]).squeeze(1), best_allowed)  # the next class, by the base
-        untouched = torch.ones(len(data.train_labels), dtype=torch.bool)
-        untouched[forget] = False
-        assert torch.equal(relabelled.train_labels[untouched], data.train_labels[untouched])
-
-
 @pytest.mark.parametrize("method", ["prunelora", "lora"])
-def test_freeze_bn_keeps_the_merged_batchnorm_buffers_the_base_s_bit_for_bit(method, synthetic_dataset, base_checkpoint):
-    data, base, split = forget_class_1(synthetic_dataset, base_checkpoint)
+def test_freeze_bn_keeps_the_merged_batchnorm_buffers_the_base_s_bit_for_bit(method, class_1_task):
+    data, base, split = class_1_task
     buffers = {}
     for freeze in (1, 0):
         args = argparse.Namespace(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lr=1e-3,
                                   lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=freeze,
-                                  salient_prune=0.0, relabel_forget=0, epochs=1, batch_size=32, seed=0, arch="cnn")
+                                  salient_prune=0.0, relabel_forget=0, push=0.0, hold=0.0, project_start=0, epochs=1,
+                                  batch_size=32, seed=0, arch="cnn")
         model, _ = unlearn.run_method(method, Task(0, base, None, split), data, args, torch.device("cpu"))
         buffers[freeze] = {k: v for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
     assert buffers[1] and all(torch.equal(v, base["state_dict"][k]) for k, v in buffers[1].items())

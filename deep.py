@@ -1,0 +1,234 @@
+"""PruneLoRA variants aimed at deeper forgetting: making the rank-r update reach the features, not
+only the head. Each is an option of unlearn.py, off by default; depth.py measures them.
+
+    --push L          forget-feature term: L * mean(1 - max_c cos(f(x), p_c)) over the forget images x of a
+                      batch, f the L2-normalised penultimate feature, p_c the base model's normalised
+                      prototype of retained class c: each forget image is drawn into its nearest retained class
+    --hold M          + M * mean(1 - cos(f(x), p_y)) over the retained images (x, y): they stay at their
+                      own class's base prototype while the forget images move (no extra forward pass)
+    --project-start K the factors start at the rank-K edit dW = -(M * W) Q Q^T, Q the input directions the
+                      forget images use and the retained images do not (generalised eigenvectors)
+    --salient-prune Q prune first the share Q of weights the forget images' loss leans on most
+    --relabel-forget 1  train on the forget images too, each labelled as its nearest other class
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunelora as pl
+from cli import UserError, autocast, fraction, number
+from data import forget_mask, make_batch, predict, with_labels
+from models import HEAD
+
+# -----------------------------------------------------------------------------
+# the options
+
+non_negative = number(float, "a number >= 0", lambda v: v >= 0 and v < float("inf"))
+whole = number(int, "a whole number >= 0", lambda v: v >= 0)
+
+
+def add_args(group):
+    group.add_argument("--push", type=non_negative, default=0.0, metavar="L",
+                       help="weight L of the forget-feature term: each forget image's feature is drawn toward "
+                       "its nearest retained class's base prototype (the forget images train too)")
+    group.add_argument("--hold", type=non_negative, default=0.0, metavar="M",
+                       help="weight M of a term that holds each retained image's feature at its own class's base "
+                       "prototype (with --push: spares the retained features)")
+    group.add_argument("--project-start", type=whole, default=0, metavar="K",
+                       help="start the factors at the rank-K edit that removes the input directions the forget "
+                       "images use and the retained ones do not (K <= --rank; 0: B = 0 as usual)")
+    group.add_argument("--salient-prune", type=fraction, default=0.0, metavar="Q",
+                       help="first prune the share Q of weights the forget images' loss leans on most "
+                       "(|w * dL/dw|), then --prune-amount of the rest by magnitude")
+    group.add_argument("--relabel-forget", type=int, choices=(0, 1), default=0,
+                       help="1: train on the forget images too, each labelled as the class the base model ranks "
+                       "highest after its own (never a forget class)")
+
+
+def check_args(args, methods):
+    """One line for a combination that cannot work, before any work."""
+    if (args.push or args.hold) and not args.forget_class:
+        raise UserError("--push and --hold work on the forget classes' features; use them with --forget-class, "
+                        "not with --forget-share or --forget-index")
+    if (args.push or args.hold) and args.relabel_forget:
+        raise UserError("--relabel-forget 1 gives the forget images other labels, which --push and --hold read as "
+                        "retained; use one or the other")
+    if args.project_start > args.rank:
+        raise UserError(f"--project-start {args.project_start} is above --rank {args.rank}; allowed: 0 to {args.rank}")
+    used = [flag for flag, on in (("--push", args.push), ("--hold", args.hold), ("--project-start", args.project_start),
+                                  ("--salient-prune", args.salient_prune), ("--relabel-forget", args.relabel_forget))
+            if on]
+    if used and "prunelora" not in methods:
+        raise UserError(f"{', '.join(used)} change prunelora only, and --method has no prunelora")
+
+# -----------------------------------------------------------------------------
+# --push, --hold: a term on the penultimate features, beside the cross-entropy on retained images
+
+
+@torch.no_grad()
+def class_prototypes(model, data, index, classes, per_class=300, seed=0):
+    """(len(classes), D): each class's L2-normalised mean of the L2-normalised penultimate features of up
+    to per_class of its training images in index, drawn with seed. Computed once, on the base model."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = data.train_labels[index]
+    picks = [index[labels == c][torch.randperm(int((labels == c).sum()), generator=generator)[:per_class]
+                                .to(index.device)] for c in classes]
+    features = F.normalize(predict(model, data, data.train_images[torch.cat(picks)], features=True), dim=1)
+    return F.normalize(torch.stack([part.mean(0) for part in features.split([len(p) for p in picks])]), dim=1)
+
+
+class ForgetFeatureLoss:
+    """loss_fn(logits, labels) for fit() on retained and forget images together: cross-entropy on the
+    retained ones, push * (1 - cosine to the nearest retained prototype) on the forget ones, and
+    hold * (1 - cosine to their own class's prototype) on the retained ones. The features are the
+    head's input, taken by a hook in the same forward pass; call remove() when training ends."""
+
+    def __init__(self, model, prototypes, retained_classes, forget_classes, push=0.0, hold=0.0):
+        self.prototypes, self.forget_classes, self.push, self.hold = prototypes, forget_classes, push, hold
+        self.column = torch.full((len(retained_classes) + len(forget_classes),), -1, dtype=torch.long,
+                                 device=prototypes.device)
+        self.column[torch.tensor(retained_classes, device=prototypes.device)] = torch.arange(
+            len(retained_classes), device=prototypes.device)  # class -> its prototype's row
+        self.features = None
+        self.handle = model.head.register_forward_pre_hook(self._grab)
+
+    def _grab(self, module, inputs):
+        self.features = inputs[0]
+
+    def __call__(self, logits, labels):
+        is_forget = forget_mask(labels, self.forget_classes)
+        similarity = F.normalize(self.features.float(), dim=1) @ self.prototypes.T  # (B, retained classes)
+        kept = ~is_forget
+        loss = F.cross_entropy(logits[kept], labels[kept]) if kept.any() else logits.sum() * 0
+        if self.hold and kept.any():
+            own = similarity[kept].gather(1, self.column[labels[kept]][:, None])
+            loss = loss + self.hold * (1 - own).mean()
+        if self.push and is_forget.any():  # the nearest retained class, as the features stand now
+            loss = loss + self.push * (1 - similarity[is_forget].max(1).values).mean()
+        return loss
+
+    def remove(self):
+        self.handle.remove()
+
+
+def forget_feature_loss(model, data, split, forget_classes, args):
+    """--push/--hold's loss for this model (the base, before pruning: its prototypes are fixed now)."""
+    retained = [c for c in range(data.num_classes) if c not in forget_classes]
+    prototypes = class_prototypes(model, data, split["retain"].to(data.train_labels.device), retained,
+                                  seed=args.seed)
+    return ForgetFeatureLoss(model, prototypes, retained, forget_classes, args.push, args.hold)
+
+# -----------------------------------------------------------------------------
+# --project-start: a closed-form start for the factors
+
+
+def forget_directions(forget_cov, retain_cov, k, eps=1e-3):
+    """(d, k) orthonormal: the span of the top-k generalised eigenvectors of F v = mu (R + eps I) v, the
+    input directions with the most forget energy per unit of retained energy (Kodge et al., arXiv
+    2312.00761, build such subspaces from SVDs of the two activation sets). eps is relative to R's mean
+    eigenvalue, so that directions no retained input uses score high but finite."""
+    d = retain_cov.shape[0]
+    ridge = eps * float(retain_cov.trace()) / d + 1e-12
+    lower = torch.linalg.cholesky(retain_cov + ridge * torch.eye(d, dtype=retain_cov.dtype))
+    whitened = torch.linalg.solve_triangular(lower, torch.linalg.solve_triangular(lower, forget_cov, upper=False).T,
+                                             upper=False)  # L^-1 F L^-T, symmetric
+    _, vectors = torch.linalg.eigh((whitened + whitened.T) / 2)  # ascending
+    directions = torch.linalg.solve_triangular(lower.T, vectors[:, -k:], upper=True)  # back to input space
+    return torch.linalg.qr(directions).Q
+
+
+def _patches(module, x):
+    """A layer's inputs as rows (n, d) in its weight's (out, d) layout: im2col patches for a conv."""
+    if isinstance(module, nn.Conv2d):
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (N, d, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.no_grad()
+def input_covariances(model, layers, data, index, batch_size=200):
+    """{name: (d, d) mean outer product of the layer's inputs} over data.train_images[index], eval mode."""
+    sums, counts, handles = {}, {}, []
+
+    def hook(name):
+        def grab(module, inputs):
+            rows = _patches(module, inputs[0].float()).double()
+            sums[name] = sums.get(name, 0) + rows.T @ rows
+            counts[name] = counts.get(name, 0) + len(rows)
+        return grab
+    for name, module in layers.items():
+        handles.append(module.register_forward_pre_hook(hook(name)))
+    try:
+        predict(model, data, data.train_images[index], batch_size=batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (sums[name] / counts[name]).cpu() for name in sums}  # a layer its parent reads: never called
+
+
+@torch.no_grad()
+def projection_start(model, data, split, k, images=600, seed=0):
+    """Start the factors of every adapted Conv2d (groups 1) and Linear at the rank-k edit that takes out
+    of the layer's input the directions the forget images use and the retained images do not:
+    B A = -(M * W) Q Q^T / s, i.e. A[:k] = Q^T, B[:, :k] = -(M * W) Q / s, the other k..r slots as
+    add_lora left them (B = 0). Call after add_lora; needs k <= r. The mask applies to the edit too,
+    so M * (W + s B A) removes those directions only up to the pruned entries. Other adapted weights
+    (grouped convs, attention projections) keep B = 0. Inputs from up to `images` forget and retained
+    training images each, drawn with seed. Returns the names of the weights started this way."""
+    layers = {}
+    for name, module, tensor in pl.prunable(model, HEAD):
+        chain = getattr(module, "parametrizations", {})
+        p = next((p for p in chain[tensor] if isinstance(p, pl.PrunedLoRA)), None) if tensor in chain else None
+        if p is not None and p.lora_A is not None and tensor == "weight" and getattr(module, "groups", 1) == 1:
+            if k > p.lora_A.shape[0]:
+                raise ValueError(f"projection start rank {k} is above the LoRA rank {p.lora_A.shape[0]}")
+            layers[name.removesuffix(".weight")] = (module, p)
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda index: index[torch.randperm(len(index), generator=generator)[:images]].to(data.train_labels.device)
+    modules = {name: module for name, (module, _) in layers.items()}
+    forget = input_covariances(model, modules, data, draw(split["forget"]))
+    retain = input_covariances(model, modules, data, draw(split["retain"]))
+    layers = {name: layer for name, layer in layers.items() if name in forget and name in retain}
+    for name, (module, p) in layers.items():
+        q = forget_directions(forget[name], retain[name], k).to(p.lora_A)   # (d, k)
+        weight = module.weight.reshape(len(p.lora_B), -1)                   # M * W, as B = 0 still
+        p.lora_A[:k] = q.T
+        p.lora_B[:, :k] = -(weight @ q) / p.scaling
+    return list(layers)
+
+# -----------------------------------------------------------------------------
+# --salient-prune, --relabel-forget
+
+
+def saliency(model, loss):
+    """|w * dL/dw| of every prunable weight outside the head, {weight name: scores}: a first-order estimate
+    of how much the loss would change were that weight zeroed. Leaves no .grad behind. The model is
+    not pruned or adapted yet, so each weight is a plain parameter that the loss was computed from."""
+    weights = {name: getattr(m, t) for name, m, t in pl.prunable(model, HEAD)}  # what prune_global scores
+    grads = torch.autograd.grad(loss, list(weights.values()))
+    return {name: (w * g).detach().abs() for (name, w), g in zip(weights.items(), grads)}
+
+
+def prune_forget_salient(model, data, forget, args, images=512):
+    """--salient-prune Q: prune the share Q of weights the forget images' loss leans on most (highest
+    |w * dL/dw| over up to `images` of them, drawn with the seed)."""
+    device = data.train_images.device
+    batch = forget[torch.randperm(len(forget), generator=torch.Generator().manual_seed(args.seed))[:images]].to(device)
+    model.eval()  # BatchNorm with the base's statistics, none of them updated
+    with autocast(device):
+        loss = F.cross_entropy(model(make_batch(data, data.train_images, batch)).float(), data.train_labels[batch])
+    scores = saliency(model, loss)
+    pl.prune_global(model, args.salient_prune, exclude=HEAD, importance=lambda name, weight: -scores[name])
+
+
+def relabel_forget_nearest(model, data, forget, args):
+    """--relabel-forget 1: the data with each forget image labelled as the class the base model ranks
+    highest after its own, never a forget class. Trained on with the retained images, these labels
+    give the features a reason to move the forget images into their nearest other class, not only
+    the head a reason to stop naming it."""
+    forget = forget.to(data.train_labels.device)
+    logits = predict(model, data, data.train_images[forget])  # (n, classes)
+    own = data.train_labels[forget]
+    logits[torch.arange(len(own), device=logits.device), own] = float("-inf")
+    logits[:, list(args.forget_class)] = float("-inf")
+    return with_labels(data, forget, logits.argmax(1))

@@ -1,0 +1,183 @@
+"""The PruneLoRA variants aimed at deeper forgetting (deep.py), on synthetic data."""
+import argparse
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deep
+import prunelora as pl
+import unlearn
+from data import predict
+from evaluate import unlearning_metrics
+from methods import Task
+from models import build_model
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def base_model(base, data):
+    model = build_model("cnn", 3, data.num_classes)
+    model.load_state_dict(base["state_dict"])
+    return model
+
+
+def prunelora_args(**changes):
+    return argparse.Namespace(**dict(dict(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lr=1e-3, lora_lr=3e-3,
+                                          reset_head=1, depth=False, freeze_bn=1, salient_prune=0.0, relabel_forget=0,
+                                          push=0.0, hold=0.0, project_start=0, epochs=1, batch_size=32, seed=0,
+                                          arch="cnn"), **changes))
+
+# -----------------------------------------------------------------------------
+# --project-start
+
+
+def test_forget_directions_find_a_direction_only_the_forget_inputs_use():
+    generator = torch.Generator().manual_seed(0)
+    d, planted = 12, torch.zeros(12, dtype=torch.float64)
+    planted[5] = 1.0
+    retain = torch.randn(500, d, generator=generator, dtype=torch.float64)
+    retain -= (retain @ planted)[:, None] * planted                        # no retained input along it
+    forget = torch.randn(200, d, generator=generator, dtype=torch.float64) + 3 * planted
+    q = deep.forget_directions(forget.T @ forget / 200, retain.T @ retain / 500, k=1)
+    assert q.shape == (d, 1) and abs(float(q[:, 0] @ planted)) > 0.999
+    q3 = deep.forget_directions(forget.T @ forget / 200, retain.T @ retain / 500, k=3)
+    assert torch.allclose(q3.T @ q3, torch.eye(3, dtype=torch.float64), atol=1e-10)  # orthonormal
+
+
+@pytest.mark.parametrize("amount", [0.0, 0.5])
+def test_projection_start_is_a_rank_k_edit_that_removes_its_directions_and_keeps_the_mask(amount, class_1_task):
+    data, base, split = class_1_task
+    model = base_model(base, data)
+    pl.prune_global(model, amount, exclude=("head",))
+    pl.add_lora(model, r=4, alpha=8, exclude=("head",))
+    before = {name: getattr(m, t).detach().clone() for name, m, t in pl.prunable(model, ("head",))}
+    started = deep.projection_start(model, data, split, k=2)
+    assert started == [name.removesuffix(".weight") for name in before]  # every conv and Linear of the cnn
+    for name, m, t in pl.prunable(model, ("head",)):
+        p = m.parametrizations[t][0]
+        update = p.scaling * p.lora_B.detach().double() @ p.lora_A.detach().double()  # (out, d)
+        assert torch.linalg.matrix_rank(update) == 2                                     # exactly rank k
+        weight = getattr(m, t).detach().reshape(len(update), -1).double()
+        assert torch.equal(weight[before[name].reshape(len(update), -1) == 0],
+                           torch.zeros_like(weight[before[name].reshape(len(update), -1) == 0]))  # zeros stay zero
+        q = torch.linalg.qr(p.lora_A[:2].T.detach().double()).Q                          # the removed directions
+        if amount == 0:  # nothing masked: the edited weight maps those directions to exactly nothing
+            assert (weight @ q).abs().max() < 1e-4 * before[name].abs().max()
+    x = data.train_images[:16]
+    unmerged = predict(model, data, x)
+    assert torch.allclose(predict(pl.merge_lora(model), data, x), unmerged, rtol=1e-4, atol=1e-4)
+
+
+def test_projection_start_above_the_rank_is_a_one_line_error(synthetic_dataset, base_checkpoint, tmp_path):
+    dataset, data_dir = synthetic_dataset
+    result = subprocess.run([sys.executable, str(HERE / "unlearn.py"), "--dataset", dataset, "--data-dir", data_dir,
+                             "--base", str(base_checkpoint), "--arch", "cnn", "--forget-class", "1", "--rank", "4",
+                             "--project-start", "5"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "--project-start 5 is above --rank 4" in result.stderr and not list(tmp_path.iterdir())
+
+# -----------------------------------------------------------------------------
+# --push, --hold
+
+
+def test_feature_loss_without_its_terms_is_cross_entropy_on_the_retained_images_only(class_1_task):
+    data, base, split = class_1_task
+    model = base_model(base, data)
+    loss = deep.forget_feature_loss(model, data, split, [1], prunelora_args())
+    pick = torch.arange(0, len(data.train_labels), 6)  # the images are stored class by class: every class
+    x, y = data.train_images[pick], data.train_labels[pick]
+    logits = model(((x.float() / 255) - data.mean[:, None, None]) / data.std[:, None, None])
+    kept = y != 1
+    assert 0 < kept.sum() < len(y)
+    assert torch.allclose(loss(logits, y), F.cross_entropy(logits[kept], y[kept]))
+    loss.remove()
+    assert not model.head._forward_pre_hooks  # nothing left on the model
+
+
+def test_push_draws_the_forget_features_to_their_nearest_retained_prototype(class_1_task):
+    data, base, split = class_1_task
+    model = base_model(base, data)
+    loss = deep.forget_feature_loss(model, data, split, [1], prunelora_args(push=1.0))
+    forget = split["forget"][:32]
+    normalised = lambda: (data.train_images[forget].float() / 255 - data.mean[:, None, None]) / data.std[:, None, None]
+    nearest = lambda: (F.normalize(model.features(normalised()), dim=1) @ loss.prototypes.T).max(1).values.mean()
+    model.eval()
+    with torch.no_grad():
+        start = float(nearest())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(10):  # forget images only: the push term is the whole loss
+        value = loss(model(normalised()), data.train_labels[forget])
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert float(nearest()) > start + 0.05
+    loss.remove()
+
+
+def test_prunelora_with_push_and_hold_trains_merges_sparse_and_leaves_no_hook(class_1_task):
+    data, base, split = class_1_task
+    args = prunelora_args(push=0.5, hold=0.5, project_start=2, epochs=2)
+    model, row = unlearn.run_method("prunelora", Task(0, base, None, split), data, args, torch.device("cpu"))
+    assert not model.head._forward_pre_hooks and not any(m._forward_pre_hooks for m in model.modules())
+    assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
+
+
+def test_push_without_forget_classes_is_a_one_line_error(synthetic_dataset, base_checkpoint, tmp_path):
+    dataset, data_dir = synthetic_dataset
+    result = subprocess.run([sys.executable, str(HERE / "unlearn.py"), "--dataset", dataset, "--data-dir", data_dir,
+                             "--base", str(base_checkpoint), "--arch", "cnn", "--forget-share", "0.1", "--push", "1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "--forget-class" in result.stderr
+
+# -----------------------------------------------------------------------------
+# --salient-prune, --relabel-forget
+
+
+def test_saliency_is_weight_times_gradient_and_prunes_what_the_loss_leans_on():
+    torch.manual_seed(0)
+    model, x = build_model("cnn", 3, 4), torch.randn(8, 3, 32, 32)
+    loss = lambda: model(x)[:, 0].sum()
+    scores = deep.saliency(model, loss())
+    assert all(p.grad is None for p in model.parameters())  # torch.autograd.grad, not backward
+    loss().backward()
+    assert "head.weight" not in scores and list(scores) == [name for name, _, _ in pl.prunable(model, ("head",))]
+    for name, score in scores.items():
+        weight = model.get_parameter(name)
+        assert torch.allclose(score, (weight * weight.grad).abs())
+    before, small = loss().item(), copy.deepcopy(model)
+    pl.prune_global(model, 0.05, exclude=("head",), importance=lambda name, w: -scores[name])  # the most salient 5%
+    pl.prune_global(small, 0.05, exclude=("head",))                                          # the smallest 5%
+    assert abs(loss().item() - before) > abs(small(x)[:, 0].sum().item() - before)
+
+
+def test_salient_prune_first_prunes_what_the_forget_images_lean_on(class_1_task):
+    data, base, split = class_1_task
+    model = base_model(base, data)
+    before = unlearning_metrics(model, data, [1], split["train"])["forget_test_acc"]
+    deep.prune_forget_salient(model, data, split["forget"], prunelora_args(salient_prune=0.1))
+    assert pl.sparsity(model) == pytest.approx(0.1, abs=0.01)  # the head (not pruned) is counted in the total
+    assert unlearning_metrics(model, data, [1], split["train"])["forget_test_acc"] < before  # its weights went first
+
+
+def test_relabel_forget_gives_each_forget_image_the_class_the_base_ranks_next_never_a_forget_class(class_1_task):
+    data, base, split = class_1_task
+    model = base_model(base, data)
+    for forget_class, forget in (([1], split["forget"]), ([], split["retain"][:20])):  # a class; a sample
+        relabelled = deep.relabel_forget_nearest(model, data, forget, argparse.Namespace(forget_class=forget_class))
+        new, own = relabelled.train_labels[forget], data.train_labels[forget]
+        assert not (new == own).any() and not torch.isin(new, torch.tensor(forget_class, dtype=new.dtype)).any()
+        logits = predict(model, data, data.train_images[forget])
+        allowed = torch.ones_like(logits, dtype=torch.bool)
+        allowed[torch.arange(len(own)), own] = False
+        allowed[:, forget_class] = False
+        best_allowed = logits.masked_fill(~allowed, float("-inf")).max(1).values
+        assert torch.equal(logits.gather(1, new[:, None]).squeeze(1), best_allowed)  # the next class, by the base
+        untouched = torch.ones(len(data.train_labels), dtype=torch.bool)
+        untouched[forget] = False
+        assert torch.equal(relabelled.train_labels[untouched], data.train_labels[untouched])
