@@ -251,21 +251,27 @@ def separation(per_seed):
 # the measures that look for the class (CKA measures change, not forgetting). 10 shots where some
 # class has fewer than 50 training images.
 SCORE_MEASURES = ("ncm_acc_50", "ncm_acc")
+# A second readout that is not a nearest-class-mean probe, so that a method cannot pass by moving the
+# class means alone: SECOND_MEASURE_CHOICE
+SECOND_MEASURES = ("probe_acc",)
+SCORES = {"depth_score": SCORE_MEASURES, "depth_score_2": SECOND_MEASURES}  # score key: the measures it may read
 
 
-def add_depth_scores(rows, measures=SCORE_MEASURES):
-    """depth_score on a scale fixed by two models of the same run: 0 = the hidden model (the base's
+def add_depth_scores(rows, scores=SCORES):
+    """Depth scores on a scale fixed by two models of the same run: 0 = the hidden model (the base's
     features: the base row serves, its features are the hidden model's) and 1 = Retrain.
-    score = (hidden - method) / (hidden - Retrain) of the first of `measures` that both ends have;
-    each scored row names it in depth_measure. Past 1 the features lost more of the class than
-    Retrain's, below 0 less. Without a base and a retrain row the rows are returned unscored."""
+    Each score (key) = (hidden - method) / (hidden - Retrain) of the first of its measures that both
+    ends have; each scored row names it in depth_measure (depth_measure_2, ...). Past 1 the features
+    lost more of the class than Retrain's, below 0 less. Without a base and a retrain row the rows
+    are returned unscored."""
     ends = rows.get("base", {}), rows.get("retrain", {})
-    measure = next((m for m in measures if all(m in end for end in ends)), None)
-    if measure is None or ends[0][measure] == ends[1][measure]:  # no scale to read on
-        return rows
-    hidden, retrain = ends[0][measure], ends[1][measure]
-    for row in rows.values():
-        if measure in row:
-            row["depth_score"] = (hidden - row[measure]) / (hidden - retrain)
-            row["depth_measure"] = measure
+    for key, measures in scores.items():
+        measure = next((m for m in measures if all(m in end for end in ends)), None)
+        if measure is None or ends[0][measure] == ends[1][measure]:  # no scale to read on
+            continue
+        hidden, retrain = ends[0][measure], ends[1][measure]
+        for row in rows.values():
+            if measure in row:
+                row[key] = (hidden - row[measure]) / (hidden - retrain)
+                row[key.replace("score", "measure")] = measure
     return rows

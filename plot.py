@@ -2,6 +2,12 @@
 
     python plot.py results/fashion-mnist-cnn-forget3.json              # writes results/...-forget3.png
     python plot.py results/X.json --out figures/depth.png
+    python plot.py results/*/X.json --out figures/frontier.png         # several runs: the frontier
+
+Several JSONs (runs of one comparison with other settings, e.g. --push or --hold): each method's
+points are named by the settings that differ between the runs, the references are the first run's,
+and a table of the frontier is printed too (means over seeds: RA and TA against Retrain, both depth
+scores).
 
 x: the depth score (0 = the class hidden in the head, 1 = forgotten as deeply as Retrain; a run with
 --depth and retrain), or, without it, the time over Retrain's. y: RA minus Retrain's RA (a run with
@@ -17,8 +23,14 @@ from cli import ArgumentParser, UserError, run_cli
 from report import REFERENCES, meets_targets
 
 
-def points(saved):
-    """{method: [(x, y, meets), ...]} over the seeds of a results JSON, and the axis titles."""
+# the settings that name a run's points when several runs are drawn (those that differ between them)
+VARIANT_KEYS = ("push", "hold", "project_start", "salient_prune", "relabel_forget", "prune_amount", "rank",
+                "freeze_bn", "reset_head", "epochs", "lora_lr")
+
+
+def points(saved, label=""):
+    """{method: [(x, y, meets), ...]} over the seeds of a results JSON, and the axis titles.
+    label: added to the names of the methods (not of the references)."""
     per_seed = list(saved["per_seed"].values()) if "per_seed" in saved else [saved["results"]]
     depth = all("depth_score" in row for rows in per_seed for name, row in rows.items() if name != "base")
     if not all("retrain" in rows for rows in per_seed):
@@ -32,8 +44,8 @@ def points(saved):
             if name == "base" or x_key not in row:
                 continue
             judged = name not in REFERENCES and bool(saved["settings"].get("forget_class"))
-            found.setdefault(name, []).append((row[x_key], row["RA"] - retrain["RA"],
-                                               judged and meets_targets(row, retrain)))
+            found.setdefault(name if name in REFERENCES else f"{name}{label}", []).append(
+                (row[x_key], row["RA"] - retrain["RA"], judged and meets_targets(row, retrain)))
     return found, x_title, "RA - Retrain's RA (points)"
 
 
@@ -67,19 +79,53 @@ def draw(found, x_title, y_title, title, out):
     print(f"wrote {out}")
 
 
+def labels(runs):
+    """' key=value ...' for each run: the VARIANT_KEYS whose values differ between the runs."""
+    settings = [saved["settings"] for saved in runs]
+    differ = [k for k in VARIANT_KEYS if len({json.dumps(s.get(k)) for s in settings}) > 1]
+    return ["".join(f" {k}={s.get(k)}" for k in differ) for s in settings]
+
+
+def frontier(runs):
+    """Markdown: per run and method, means over seeds of RA and TA minus Retrain's and both depth scores."""
+    lines = ["| run | method | RA - Retrain | TA - Retrain | depth score | depth score 2 | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    mean = lambda values: f"{sum(values) / len(values):.2f}" if values else ""
+    for saved, label in zip(runs, labels(runs)):
+        per_seed = list(saved["per_seed"].values()) if "per_seed" in saved else [saved["results"]]
+        for name in per_seed[0]:
+            if name in REFERENCES and saved is not runs[0] or name == "base":
+                continue
+            column = lambda key: [rows[name][key] - (rows["retrain"][key] if key in ("RA", "TA") else 0)
+                                  for rows in per_seed if key in rows[name]]
+            lines.append(f"| {label.strip() or 'first'} | {name} | {mean(column('RA'))} | {mean(column('TA'))} | "
+                         f"{mean(column('depth_score'))} | {mean(column('depth_score_2'))} | {len(per_seed)} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = ArgumentParser(description="Plot a results JSON of unlearn.py: retained accuracy against depth.")
-    parser.add_argument("results", help="a results/<...>.json written by unlearn.py")
+    parser.add_argument("results", nargs="+", help="results/<...>.json written by unlearn.py (several: a frontier)")
     parser.add_argument("--out", default=None, help="the picture (default: the JSON's path with .png)")
     parser.add_argument("--title", default=None, help="the title (default: the JSON's name)")
     args = parser.parse_args()
-    path = Path(args.results)
+    runs, found = [], {}
+    for path in map(Path, args.results):
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is not a results JSON of unlearn.py ({type(e).__name__})") from None
     try:
-        saved = json.loads(path.read_text())
-        found, x_title, y_title = points(saved)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{path} is not a results JSON of unlearn.py ({type(e).__name__})") from None
-    draw(found, x_title, y_title, args.title or path.stem, Path(args.out) if args.out else path.with_suffix(".png"))
+        for saved, label in zip(runs, labels(runs) if len(runs) > 1 else [""]):
+            pts, x_title, y_title = points(saved, label)
+            found.update({name: p for name, p in pts.items() if name not in found})  # references: the first run's
+        table = frontier(runs) if len(runs) > 1 else None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{' '.join(args.results)}: not results JSONs of unlearn.py ({type(e).__name__})") from None
+    if table:
+        print(table)
+    first = Path(args.results[0])
+    draw(found, x_title, y_title, args.title or first.stem, Path(args.out) if args.out else first.with_suffix(".png"))
 
 
 if __name__ == "__main__":

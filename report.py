@@ -144,8 +144,9 @@ COLUMNS = [
     ("ncm_acc_50", "50-shot NCM acc", "{:.2f}", "the same with 50 shots"),
     ("cka_base", "CKA to base", "{:.3f}", "similarity of the forget images' features to the base's (0 to 1)"),
     ("depth_score", "depth score", "{:.2f}", "how deep the forgetting goes: 0 = hidden in the head, 1 = Retrain"),
+    ("depth_score_2", "depth score 2", "{:.2f}", "the same on a second readout (depth.SECOND_MEASURES)"),
 ]
-TERMINAL = ("UA", "MIA", "RA", "TA", "depth_score", "seconds", "time_vs_retrain")  # the columns printed
+TERMINAL = ("UA", "MIA", "RA", "TA", "depth_score", "depth_score_2", "seconds", "time_vs_retrain")  # the columns printed
 
 
 def cell(row, spread, key, fmt, name=None):
@@ -261,10 +262,11 @@ def report(per_seed, run, args):
         saved = dict(settings=settings, base=bases, device=str(run.device), results=shown, spread=spread,
                      per_seed={str(seed): rows for seed, rows in per_seed.items()})
     notes = []
-    measure = next((row["depth_measure"] for rows in per_seed.values() for row in rows.values()
-                    if "depth_measure" in row), None)
-    if measure:  # which measure the score reads (10 shots where a class has fewer than 50 images)
-        notes.append(f"depth score: {measure} on the scale 0 = hidden (the base's features), 1 = Retrain")
+    for key in ("depth_measure", "depth_measure_2"):  # which measure each score reads (NCM: 10 shots where
+        measure = next((row[key] for rows in per_seed.values() for row in rows.values() if key in row), None)
+        if measure:  # a class has fewer than 50 images)
+            notes.append(f"{key.replace('measure', 'score')}: {measure} on the scale 0 = hidden (the base's "
+                         "features), 1 = Retrain")
     noisy = near_chance(shown)
     if noisy and not args.forget_class:  # (a forgotten class's confidences sit far below any threshold)
         notes.append(f"attack acc under {NEAR_CHANCE:g} % (near chance) for {', '.join(noisy)}: the attack barely "

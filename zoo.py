@@ -23,7 +23,6 @@ merge_lora. The columns (an x marks a failure, and the script exits 1):
 """
 import argparse
 import copy
-import io
 import sys
 import warnings
 
@@ -116,18 +115,17 @@ def check(name, steps=2):
             row["reached"] = (sum(bool(m.lora_B.grad.abs().sum() > 0) for m in factors), len(factors))
         optimizer.step()
     model.eval()
+    del optimizer
     with torch.no_grad():
         out = model(x)
         row["copy"] = torch.equal(copy.deepcopy(model)(x), out)
-        buffer = io.BytesIO()
-        torch.save(model.state_dict(), buffer)
+        # the state_dict loaded as it is (torch.save/load round-trips tensors bit for bit): a serialised copy
+        # beside two 640M-parameter models ran a 24 GB machine out of memory
         other, _, _, _ = prepared(name, 0.2, seed=1)  # other weights, other masks
         pl.add_lora(other, r=4, alpha=8, exclude=(head,))
-        buffer.seek(0)
-        other.load_state_dict(torch.load(buffer, weights_only=True))
-        del buffer
+        other.load_state_dict(model.state_dict())
         row["load"] = torch.equal(other.eval()(x), out)
-        del other, optimizer
+        del other
         masks = {n: pl._mask(m, t).clone() for n, m, t in pl.prunable(model) if pl._mask(m, t) is not None}
         pl.merge_lora(model)
         row["merged"] = ((model(x) - out).abs().max() / out.abs().max()).item()  # nan (a failure) if out is all 0

@@ -112,6 +112,16 @@ def test_depth_score_is_0_for_hidden_and_1_for_retrain_by_construction():
     assert measures.add_depth_scores({"base": dict(ncm_acc=90.0)}) == {"base": dict(ncm_acc=90.0)}  # no Retrain: no scale
 
 
+def test_second_depth_score_reads_its_own_measure_on_the_same_scale():
+    rows = measures.add_depth_scores({"base": dict(ncm_acc_50=90.0, probe_acc=97.0),
+                                      "retrain": dict(ncm_acc_50=60.0, probe_acc=95.0),
+                                      "deep": dict(ncm_acc_50=60.0, probe_acc=97.0)})  # NCM moved, the probe did not
+    assert rows["deep"]["depth_score"] == 1 and rows["deep"]["depth_score_2"] == 0
+    assert rows["retrain"]["depth_score_2"] == 1 and rows["deep"]["depth_measure_2"] == "probe_acc"
+    assert "depth_score_2" not in measures.add_depth_scores({"base": dict(ncm_acc_50=90.0),
+                                                             "retrain": dict(ncm_acc_50=60.0)})["retrain"]
+
+
 def test_hidden_model_relearns_like_the_base_and_far_faster_than_retrain(depth):
     steps = {name: d["relearn_steps"] for name, d in depth.items()}
     print(steps)
