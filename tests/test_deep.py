@@ -99,13 +99,13 @@ def test_feature_loss_without_its_terms_is_cross_entropy_on_the_retained_images_
     assert not model.head._forward_pre_hooks  # nothing left on the model
 
 
-def test_push_draws_the_forget_features_to_their_nearest_retained_prototype(class_1_task):
+def test_push_draws_the_forget_features_onto_their_nearest_retained_images(class_1_task):
     data, base, split = class_1_task
     model = base_model(base, data)
     loss = deep.forget_feature_loss(model, data, split, [1], prunelora_args(push=1.0))
     forget = split["forget"][:32]
     normalised = lambda: (data.train_images[forget].float() / 255 - data.mean[:, None, None]) / data.std[:, None, None]
-    nearest = lambda: (F.normalize(model.features(normalised()), dim=1) @ loss.prototypes.T).max(1).values.mean()
+    nearest = lambda: (F.normalize(model.features(normalised()), dim=1) @ loss.bank.T).max(1).values.mean()
     model.eval()
     with torch.no_grad():
         start = float(nearest())
