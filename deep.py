@@ -1,11 +1,14 @@
 """PruneLoRA variants aimed at deeper forgetting: making the rank-r update reach the features, not
 only the head. Each is an option of unlearn.py, off by default; depth.py measures them.
 
-    --push L          forget-feature term: L * mean(1 - max_j cos(f(x), g_j)) over the forget images x of a
-                      batch, f the L2-normalised penultimate feature, g_j the base model's normalised features
-                      of a bank of retained training images: each forget image is drawn onto its nearest
-                      retained image, so the forget images scatter over the retained classes (drawn to
-                      class means instead, they moved as one tight cluster that a probe still found)
+    --push L          forget-feature term: L * cross-entropy of a nearest-class-mean classifier on the forget
+                      images x of a batch, whose classes are the forget images' own centre m (the normalised
+                      mean of their features) and the base model's prototypes p_c of the retained classes,
+                      scores 10 * cos(f(x), .), f the L2-normalised penultimate feature, and the target each
+                      image's nearest retained prototype: each leaves its class's centre for its nearest
+                      retained class, so the class scatters. (Drawn onto a class mean or onto the nearest
+                      retained image alone, the forget images moved as one tight cluster that every probe
+                      still found; the centre in the loss makes that collapse cost log 2, not 0.)
     --hold M          + M * mean(1 - cos(f(x), p_y)) over the retained images (x, y): they stay at their
                       own class's base prototype while the forget images move (no extra forward pass)
     --project-start K the factors start at the rank-K edit dW = -(M * W) Q Q^T, Q the input directions the
@@ -31,8 +34,8 @@ whole = number(int, "a whole number >= 0", lambda v: v >= 0)
 
 def add_args(group):
     group.add_argument("--push", type=non_negative, default=0.0, metavar="L",
-                       help="weight L of the forget-feature term: each forget image's feature is drawn onto the "
-                       "base feature of its nearest retained image (the forget images train too)")
+                       help="weight L of the forget-feature term: each forget image's feature leaves its class's "
+                       "centre for its nearest retained class's base prototype (the forget images train too)")
     group.add_argument("--hold", type=non_negative, default=0.0, metavar="M",
                        help="weight M of a term that holds each retained image's feature at its own class's base "
                        "prototype (with --push: spares the retained features)")
@@ -68,26 +71,26 @@ def check_args(args, methods):
 
 
 @torch.no_grad()
-def feature_bank(model, data, index, classes, per_class=300, seed=0):
-    """(bank, prototypes): the L2-normalised penultimate features (len(classes) * per_class, D) of up to
-    per_class training images in index of each class, drawn with seed, and each class's normalised mean
-    of them (len(classes), D). Computed once, on the base model."""
+def class_prototypes(model, data, index, classes, per_class=300, seed=0):
+    """(len(classes), D): each class's normalised mean of the L2-normalised penultimate features of up to
+    per_class of its training images in index, drawn with seed. Computed once, on the base model."""
     generator = torch.Generator().manual_seed(seed)
     labels = data.train_labels[index]
     picks = [index[labels == c][torch.randperm(int((labels == c).sum()), generator=generator)[:per_class]
                                 .to(index.device)] for c in classes]
-    bank = F.normalize(predict(model, data, data.train_images[torch.cat(picks)], features=True), dim=1)
-    return bank, F.normalize(torch.stack([part.mean(0) for part in bank.split([len(p) for p in picks])]), dim=1)
+    features = F.normalize(predict(model, data, data.train_images[torch.cat(picks)], features=True), dim=1)
+    return F.normalize(torch.stack([part.mean(0) for part in features.split([len(p) for p in picks])]), dim=1)
 
 
 class ForgetFeatureLoss:
     """loss_fn(logits, labels) for fit() on retained and forget images together: cross-entropy on the
-    retained ones, push * (1 - cosine to the nearest image of the bank) on the forget ones, and
-    hold * (1 - cosine to their own class's prototype) on the retained ones. The features are the
+    retained ones, push * the cross-entropy of a nearest-class-mean classifier (the forget images' own
+    centre and the retained prototypes) that should send each forget image to its nearest retained class, and hold * (1 - cosine to their own class's prototype) on the retained ones. The features are the
     head's input, taken by a hook in the same forward pass; call remove() when training ends."""
+    SCALE = 10  # cosines in [-1, 1] as logits: 10 lets a margin of a few tenths reach a confident softmax
 
-    def __init__(self, model, bank, prototypes, retained_classes, forget_classes, push=0.0, hold=0.0):
-        self.bank, self.prototypes, self.forget_classes = bank, prototypes, forget_classes
+    def __init__(self, model, prototypes, retained_classes, forget_classes, push=0.0, hold=0.0):
+        self.prototypes, self.forget_classes = prototypes, forget_classes
         self.push, self.hold = push, hold
         self.column = torch.full((len(retained_classes) + len(forget_classes),), -1, dtype=torch.long,
                                  device=prototypes.device)
@@ -107,8 +110,11 @@ class ForgetFeatureLoss:
         if self.hold and kept.any():
             own = (features[kept] * self.prototypes[self.column[labels[kept]]]).sum(1)
             loss = loss + self.hold * (1 - own).mean()
-        if self.push and is_forget.any():  # the nearest retained image, as the features stand now
-            loss = loss + self.push * (1 - (features[is_forget] @ self.bank.T).max(1).values).mean()
+        if self.push and is_forget.any():  # away from the forget images' own centre, to the nearest retained class
+            forget = features[is_forget]
+            centre = F.normalize(forget.mean(0), dim=0)
+            scores = self.SCALE * torch.cat([(forget @ centre)[:, None], forget @ self.prototypes.T], 1)
+            loss = loss + self.push * F.cross_entropy(scores, scores[:, 1:].argmax(1) + 1)
         return loss
 
     def remove(self):
@@ -116,11 +122,11 @@ class ForgetFeatureLoss:
 
 
 def forget_feature_loss(model, data, split, forget_classes, args):
-    """--push/--hold's loss for this model (the base, before pruning: its bank and prototypes are fixed now)."""
+    """--push/--hold's loss for this model (the base, before pruning: its prototypes are fixed now)."""
     retained = [c for c in range(data.num_classes) if c not in forget_classes]
-    bank, prototypes = feature_bank(model, data, split["retain"].to(data.train_labels.device), retained,
-                                    seed=args.seed)
-    return ForgetFeatureLoss(model, bank, prototypes, retained, forget_classes, args.push, args.hold)
+    prototypes = class_prototypes(model, data, split["retain"].to(data.train_labels.device), retained,
+                                  seed=args.seed)
+    return ForgetFeatureLoss(model, prototypes, retained, forget_classes, args.push, args.hold)
 
 # -----------------------------------------------------------------------------
 # --project-start: a closed-form start for the factors

@@ -95,20 +95,24 @@ def test_feature_loss_without_its_terms_is_cross_entropy_on_the_retained_images_
     kept = y != 1
     assert 0 < kept.sum() < len(y)
     assert torch.allclose(loss(logits, y), F.cross_entropy(logits[kept], y[kept]))
+    loss.hold = 0.5  # + hold * (1 - cosine of each retained feature to its own class's prototype)
+    features = F.normalize(loss.features, dim=1)
+    own = torch.stack([features[i] @ loss.prototypes[[0, 2, 3].index(int(y[i]))] for i in range(len(y)) if kept[i]])
+    assert torch.allclose(loss(logits, y), F.cross_entropy(logits[kept], y[kept]) + 0.5 * (1 - own).mean())
     loss.remove()
     assert not model.head._forward_pre_hooks  # nothing left on the model
 
 
-def test_push_draws_the_forget_features_onto_their_nearest_retained_images(class_1_task):
+def test_push_moves_the_forget_features_toward_the_retained_prototypes(class_1_task):
     data, base, split = class_1_task
     model = base_model(base, data)
     loss = deep.forget_feature_loss(model, data, split, [1], prunelora_args(push=1.0))
     forget = split["forget"][:32]
     normalised = lambda: (data.train_images[forget].float() / 255 - data.mean[:, None, None]) / data.std[:, None, None]
-    nearest = lambda: (F.normalize(model.features(normalised()), dim=1) @ loss.bank.T).max(1).values.mean()
+    nearest = lambda: float((F.normalize(model.features(normalised()), dim=1) @ loss.prototypes.T).max(1).values.mean())
     model.eval()
     with torch.no_grad():
-        start = float(nearest())
+        before = nearest()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(10):  # forget images only: the push term is the whole loss
         value = loss(model(normalised()), data.train_labels[forget])
@@ -116,7 +120,18 @@ def test_push_draws_the_forget_features_onto_their_nearest_retained_images(class
         value.backward()
         optimizer.step()
     with torch.no_grad():
-        assert float(nearest()) > start + 0.05
+        assert nearest() > before + 0.05
+    loss.remove()
+
+
+def test_push_prices_a_forget_class_gathered_at_one_prototype_at_log_2_and_a_scattered_one_lower():
+    prototypes = F.normalize(torch.eye(4)[:3] + 0.1, dim=1)  # three retained classes; class 3 is forgotten
+    loss = deep.ForgetFeatureLoss(build_model("cnn", 3, 4), prototypes, [0, 1, 2], [3], push=1.0)
+    labels, logits = torch.tensor([3, 3, 3]), torch.zeros(3, 4)
+    loss.features = prototypes[[0, 0, 0]] * 5                # the whole class at one retained prototype
+    assert loss(logits, labels).item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-3)
+    loss.features = prototypes[[0, 1, 2]] * 5                # scattered: each at another retained prototype
+    assert loss(logits, labels).item() < 0.5
     loss.remove()
 
 
