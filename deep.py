@@ -84,8 +84,9 @@ def class_prototypes(model, data, index, classes, per_class=300, seed=0):
 
 class ForgetFeatureLoss:
     """loss_fn(logits, labels) for fit() on retained and forget images together: cross-entropy on the
-    retained ones, push * the cross-entropy of a nearest-class-mean classifier (the forget images' own
-    centre and the retained prototypes) that should send each forget image to its nearest retained class, and hold * (1 - cosine to their own class's prototype) on the retained ones. The features are the
+    retained ones; push * the cross-entropy of a nearest-class-mean classifier (the forget images' own
+    centre and the retained prototypes) that should send each forget image to its nearest retained
+    class; hold * (1 - cosine to their own class's prototype) on the retained ones. The features are the
     head's input, taken by a hook in the same forward pass; call remove() when training ends."""
     SCALE = 10  # cosines in [-1, 1] as logits: 10 lets a margin of a few tenths reach a confident softmax
 

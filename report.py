@@ -146,7 +146,7 @@ COLUMNS = [
     ("depth_score", "depth score", "{:.2f}", "how deep the forgetting goes: 0 = hidden in the head, 1 = Retrain"),
     ("depth_score_2", "depth score 2", "{:.2f}", "the same on a second readout (depth.SECOND_MEASURES)"),
 ]
-TERMINAL = ("UA", "MIA", "RA", "TA", "depth_score", "depth_score_2", "seconds", "time_vs_retrain")  # the columns printed
+TERMINAL = ("UA", "MIA", "RA", "TA", "depth_score", "depth_score_2", "seconds", "time_vs_retrain")  # printed
 
 
 def cell(row, spread, key, fmt, name=None):
@@ -238,6 +238,8 @@ def finished_seeds(partial, args):
         raise UserError(f"--resume: {partial} is not a partial result of unlearn.py; "
                         "delete it or run without --resume") from None
     for key, value in run_settings(args).items():
+        if key not in earlier and not value:  # an option newer than the cut run, and off now: the same run
+            continue
         if earlier.get(key) != value:
             raise UserError(f"--resume: {partial} was started with {key}={earlier.get(key)!r}, not {value!r}; "
                             "use the same settings or run without --resume")

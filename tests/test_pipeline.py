@@ -374,10 +374,12 @@ def test_resume_rescores_finished_seeds_on_todays_depth_scale_and_ignores_print_
     stale = {"base": {"ncm_acc_50": 40.0}, "retrain": {"ncm_acc_50": 20.0},
              "prunelora": {"ncm_acc_50": 35.0, "ncm_acc": 30.0, "depth_score": 0.9}}
     partial.write_text(json.dumps({"settings": {"dataset": "x", "lr": 0.001}, "per_seed": {"0": stale}}))
-    args = argparse.Namespace(dataset="x", lr=0.001, bench_profile=True, resume=True)
+    args = argparse.Namespace(dataset="x", lr=0.001, bench_profile=True, resume=True, push=0.0)  # push: newer, off
     rows = report.finished_seeds(partial, args)[0]
     assert rows["prunelora"]["depth_score"] == pytest.approx(0.25)  # (40 - 35) / (40 - 20)
     assert rows["prunelora"]["depth_measure"] == "ncm_acc_50"
+    with pytest.raises(UserError, match="push=None, not 1.0"):  # a newer option switched on: another run
+        report.finished_seeds(partial, argparse.Namespace(dataset="x", lr=0.001, resume=True, push=1.0))
 
 
 def test_compiled_training_gives_eager_training_s_weights_within_tolerance(synthetic_dataset):
