@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from cli import ArgumentParser, UserError, run_cli
+from depth import add_depth_scores
 from report import REFERENCES, meets_targets
 
 
@@ -79,19 +80,21 @@ def draw(found, x_title, y_title, title, out):
     print(f"wrote {out}")
 
 
-def labels(runs):
-    """' key=value ...' for each run: the VARIANT_KEYS whose values differ between the runs."""
+def labels(runs, paths):
+    """' key=value ...' for each run: the VARIANT_KEYS whose values differ between the runs; where that
+    leaves two runs alike (the same options, other code), each JSON's folder name instead."""
     settings = [saved["settings"] for saved in runs]
     differ = [k for k in VARIANT_KEYS if len({json.dumps(s.get(k)) for s in settings}) > 1]
-    return ["".join(f" {k}={s.get(k)}" for k in differ) for s in settings]
+    found = ["".join(f" {k}={s.get(k)}" for k in differ) for s in settings]
+    return found if len(set(found)) == len(found) else [f" {Path(path).parent.name}" for path in paths]
 
 
-def frontier(runs):
+def frontier(runs, paths):
     """Markdown: per run and method, means over seeds of RA and TA minus Retrain's and both depth scores."""
     lines = ["| run | method | RA - Retrain | TA - Retrain | depth score | depth score 2 | seeds |",
              "|---|---|---|---|---|---|---|"]
     mean = lambda values: f"{sum(values) / len(values):.2f}" if values else ""
-    for saved, label in zip(runs, labels(runs)):
+    for saved, label in zip(runs, labels(runs, paths)):
         per_seed = list(saved["per_seed"].values()) if "per_seed" in saved else [saved["results"]]
         for name in per_seed[0]:
             if name in REFERENCES and saved is not runs[0] or name == "base":
@@ -113,13 +116,15 @@ def main():
     for path in map(Path, args.results):
         try:
             runs.append(json.loads(path.read_text()))
-        except (OSError, ValueError) as e:
+            for rows in runs[-1]["per_seed"].values() if "per_seed" in runs[-1] else [runs[-1]["results"]]:
+                add_depth_scores(rows)  # scored again on today's scales: an older run may lack a score
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{path} is not a results JSON of unlearn.py ({type(e).__name__})") from None
     try:
-        for saved, label in zip(runs, labels(runs) if len(runs) > 1 else [""]):
+        for saved, label in zip(runs, labels(runs, args.results) if len(runs) > 1 else [""]):
             pts, x_title, y_title = points(saved, label)
             found.update({name: p for name, p in pts.items() if name not in found})  # references: the first run's
-        table = frontier(runs) if len(runs) > 1 else None
+        table = frontier(runs, args.results) if len(runs) > 1 else None
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{' '.join(args.results)}: not results JSONs of unlearn.py ({type(e).__name__})") from None
     if table:

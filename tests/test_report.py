@@ -3,6 +3,7 @@ names on the command line and the whole run's ETA."""
 import pytest
 
 import data as data_module
+import plot
 import report
 from cli import UserError
 from train import Progress
@@ -77,3 +78,19 @@ def test_the_eta_is_the_rate_so_far_applied_to_the_work_left(monkeypatch):
     assert progress.eta() == pytest.approx(10 / 300 * 700)
     progress.add(10_000)
     assert progress.eta() == 0        # past the plan: no negative time
+
+
+def test_frontier_names_each_run_by_the_settings_that_differ_and_reads_both_depth_scores_against_retrain():
+    rows = lambda ncm, probe, ra: {"base": dict(ncm_acc_50=90.0, probe_acc=97.0, RA=94.0, TA=92.0),
+                                   "retrain": dict(ncm_acc_50=60.0, probe_acc=95.0, RA=95.0, TA=93.0),
+                                   "prunelora": dict(ncm_acc_50=ncm, probe_acc=probe, RA=ra, TA=92.5)}
+    runs = [dict(settings=dict(push=0.0, hold=0.0, seed=0), results=rows(90.0, 97.0, 95.1)),
+            dict(settings=dict(push=1.0, hold=0.0, seed=0), results=rows(75.0, 96.0, 94.0))]
+    for saved in runs:
+        plot.add_depth_scores(saved["results"])
+    assert plot.labels(runs, ["a/x.json", "b/x.json"]) == [" push=0.0", " push=1.0"]
+    table = plot.frontier(runs, ["a/x.json", "b/x.json"]).splitlines()
+    assert "| push=1.0 | prunelora | -1.00 | -0.50 | 0.50 | 0.50 | 1 |" in table
+    assert sum("retrain" in line for line in table) == 1  # the references once, from the first run
+    same = [dict(runs[1]), dict(runs[1])]  # the same options (other code): named by their folders
+    assert plot.labels(same, ["results/v1/x.json", "results/v2/x.json"]) == [" v1", " v2"]
