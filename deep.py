@@ -188,8 +188,7 @@ def projection_start(model, data, split, k, images=600, seed=0):
     training images each, drawn with seed. Returns the names of the weights started this way."""
     layers = {}
     for name, module, tensor in pl.prunable(model, HEAD):
-        chain = getattr(module, "parametrizations", {})
-        p = next((p for p in chain[tensor] if isinstance(p, pl.PrunedLoRA)), None) if tensor in chain else None
+        p = pl._parametrization(module, tensor)
         if p is not None and p.lora_A is not None and tensor == "weight" and getattr(module, "groups", 1) == 1:
             if k > p.lora_A.shape[0]:
                 raise ValueError(f"projection start rank {k} is above the LoRA rank {p.lora_A.shape[0]}")

@@ -29,10 +29,15 @@ VARIANT_KEYS = ("push", "hold", "project_start", "salient_prune", "relabel_forge
                 "freeze_bn", "reset_head", "epochs", "lora_lr")
 
 
+def seed_rows(saved):
+    """A results JSON's rows, one {method: row} per seed (a single-seed run keeps them under "results")."""
+    return list(saved["per_seed"].values()) if "per_seed" in saved else [saved["results"]]
+
+
 def points(saved, label=""):
     """{method: [(x, y, meets), ...]} over the seeds of a results JSON, and the axis titles.
     label: added to the names of the methods (not of the references)."""
-    per_seed = list(saved["per_seed"].values()) if "per_seed" in saved else [saved["results"]]
+    per_seed = seed_rows(saved)
     depth = all("depth_score" in row for rows in per_seed for name, row in rows.items() if name != "base")
     if not all("retrain" in rows for rows in per_seed):
         raise UserError("the results have no retrain row; run unlearn.py with retrain in --method to plot them")
@@ -95,9 +100,9 @@ def frontier(runs, paths):
              "|---|---|---|---|---|---|---|"]
     mean = lambda values: f"{sum(values) / len(values):.2f}" if values else ""
     for saved, label in zip(runs, labels(runs, paths)):
-        per_seed = list(saved["per_seed"].values()) if "per_seed" in saved else [saved["results"]]
+        per_seed = seed_rows(saved)
         for name in per_seed[0]:
-            if name in REFERENCES and saved is not runs[0] or name == "base":
+            if name == "base" or (name in REFERENCES and saved is not runs[0]):  # references: the first run's
                 continue
             column = lambda key: [rows[name][key] - (rows["retrain"][key] if key in ("RA", "TA") else 0)
                                   for rows in per_seed if key in rows[name]]
@@ -116,7 +121,7 @@ def main():
     for path in map(Path, args.results):
         try:
             runs.append(json.loads(path.read_text()))
-            for rows in runs[-1]["per_seed"].values() if "per_seed" in runs[-1] else [runs[-1]["results"]]:
+            for rows in seed_rows(runs[-1]):
                 add_depth_scores(rows)  # scored again on today's scales: an older run may lack a score
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{path} is not a results JSON of unlearn.py ({type(e).__name__})") from None

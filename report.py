@@ -12,7 +12,7 @@ import statistics
 import distributed
 from checkpoints import save_text
 from cli import UserError, command_line
-from depth import add_depth_scores, separation
+from depth import SCORES, add_depth_scores, separation
 
 NO_EPOCHS = ("retrain", "hidden")  # run once whatever --epochs says: Retrain trains as the base did
 REFERENCES = ("base", "retrain", "hidden")  # rows that are not judged against the targets
@@ -264,11 +264,11 @@ def report(per_seed, run, args):
         saved = dict(settings=settings, base=bases, device=str(run.device), results=shown, spread=spread,
                      per_seed={str(seed): rows for seed, rows in per_seed.items()})
     notes = []
-    for key in ("depth_measure", "depth_measure_2"):  # which measure each score reads (NCM: 10 shots where
+    for score in SCORES:  # which measure each score reads (NCM: 10 shots where a class has fewer than 50 images)
+        key = score.replace("score", "measure")  # as add_depth_scores names it
         measure = next((row[key] for rows in per_seed.values() for row in rows.values() if key in row), None)
-        if measure:  # a class has fewer than 50 images)
-            notes.append(f"{key.replace('measure', 'score')}: {measure} on the scale 0 = hidden (the base's "
-                         "features), 1 = Retrain")
+        if measure:
+            notes.append(f"{score}: {measure} on the scale 0 = hidden (the base's features), 1 = Retrain")
     noisy = near_chance(shown)
     if noisy and not args.forget_class:  # (a forgotten class's confidences sit far below any threshold)
         notes.append(f"attack acc under {NEAR_CHANCE:g} % (near chance) for {', '.join(noisy)}: the attack barely "
