@@ -163,14 +163,37 @@ def _attach(module, tensor_name):
 # stage 1: prune
 
 
+def _kth_smallest(chunks, k):
+    """The k-th smallest (k >= 1) of all the values chunks() yields (float32 tensors, every value >= 0),
+    as its float32 bits, and how many values equal to it are among the k smallest. Radix select, 16 bits
+    per pass over the chunks: a non-negative float orders like its bits read as an integer. So the values
+    are never concatenated (a flat copy and a top-k of it took 34 bytes per parameter at the peak)."""
+    prefix = 0
+    for shift in (16, 0):
+        counts = None
+        for values in chunks():
+            bits = values.view(torch.int32)
+            if shift == 0:
+                bits = bits[(bits >> 16) == (prefix >> 16)]  # only the values in the bin found by the first pass
+            found = torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << 16)
+            counts = found if counts is None else counts + found
+        cumulative = counts.cumsum(0)
+        digit = int(torch.searchsorted(cumulative, k))  # the first bin that holds the k-th value
+        k -= int(cumulative[digit - 1]) if digit else 0
+        prefix |= digit << shift
+    return prefix, k
+
+
 def prune_global(model, amount, exclude=(), importance=None):
     """Zero the `amount` share of smallest-magnitude weights over all prunable weights together.
 
-    Global (not per layer) so that layers with many small weights lose more. The masks come from
-    torch.nn.utils.prune's L1Unstructured over all weights at once, as prune.global_unstructured does
-    (which itself fails on channels_last weights). Pruning again prunes that share of the weights
-    still left. importance: (weight name, weight) -> a tensor of its shape, lowest pruned first
-    (default |weight|). Warns, naming them, about weights pruned entirely. Returns the sparsity reached.
+    Global (not per layer) so that layers with many small weights lose more. The global threshold comes
+    from a radix select over all weights, then each weight's mask from torch.nn.utils.prune's
+    L1Unstructured with that weight's count: the picks of prune.global_unstructured (which itself fails on
+    channels_last weights; exact ties at the threshold go in layer order), at the memory of one layer.
+    Pruning again prunes that share of the weights still left. importance: (weight name, weight) -> a
+    tensor of its shape, lowest pruned first (default |weight|), called once per pass (four times per
+    weight). Warns, naming them, about weights pruned entirely. Returns the sparsity reached.
     """
     if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 <= amount < 1:
         raise ValueError(f"amount must be a number in [0, 1), got {amount!r}")
@@ -178,28 +201,38 @@ def prune_global(model, amount, exclude=(), importance=None):
     if not targets:
         raise ValueError("the model has no Conv2d, Linear or attention weight to prune (after exclude); "
                          "allowed: a model with at least one such weight")
+
+    def scores():
+        """Per weight: the scores (1-D float32) of its entries not pruned before, and where those are."""
+        for name, m, t in targets:
+            w = getattr(m, t)  # the effective weight: M * (W + s B A)
+            score = (w.abs() if importance is None else importance(name, w).detach()).float().reshape(-1)
+            alive = _mask(m, t)
+            yield (score if alive is None else score[alive.reshape(-1)]), alive
+
     with torch.no_grad():
-        weights = [getattr(m, t) for _, m, t in targets]  # effective weights: M * (W + s B A)
-        scores = [w.abs() if importance is None else importance(name, w).detach()
-                  for (name, _, _), w in zip(targets, weights)]
-        alive = torch.cat([(_mask(m, t) if _mask(m, t) is not None else torch.ones_like(w, dtype=torch.bool))
-                           .reshape(-1) for (_, m, t), w in zip(targets, weights)])  # (n,) not pruned before
-        flat = torch.cat([s.reshape(-1) for s in scores]).float()
-        del scores  # (a copy of every weight: on a 600M-parameter model each copy is 2.4 GB)
-        flat.sub_(flat.min())  # L1Unstructured ranks |score|: shifted >= 0, any score keeps its order
-        # prune as torch's PruningContainer does it again: the share of the entries still alive
-        candidates = flat if alive.all() else flat[alive]
-        keep = alive.clone()
-        everything = torch.ones_like(candidates, dtype=torch.bool)
-        keep[alive] = prune.L1Unstructured(amount).compute_mask(candidates, everything)
-    emptied = [name for (name, _, _), part in zip(targets, keep.split([w.numel() for w in weights]))
-               if not part.any()]
-    for (_, m, t), w, part in zip(targets, weights, keep.split([w.numel() for w in weights])):
-        _attach(m, t).mask = _like(_original(m, t), part.reshape(w.shape))
+        found = [(s.min(), s.numel()) for s, _ in scores() if s.numel()]
+        low = min(s for s, _ in found) if found else 0.0  # L1Unstructured ranks |score|: shifted to >= 0
+        # as torch's PruningContainer prunes again: that share of the entries still alive, rounded as torch does
+        count = round(amount * sum(n for _, n in found))
+        threshold, ties = _kth_smallest(lambda: (s - low for s, _ in scores()), count) if count else (-1, 0)
+        pruned, total, emptied = 0, 0, []
+        for (name, m, t), (s, alive) in zip(targets, scores()):
+            bits = (s - low).view(torch.int32)
+            take = min(ties, int((bits == threshold).sum()))  # of the values equal to the threshold
+            ties -= take
+            keep = prune.L1Unstructured(int((bits < threshold).sum()) + take).compute_mask(
+                s - low, torch.ones_like(s, dtype=torch.bool))
+            if alive is not None:
+                keep = alive.reshape(-1).clone().masked_scatter_(alive.reshape(-1), keep)
+            if not keep.any():
+                emptied.append(name)
+            _attach(m, t).mask = _like(_original(m, t), keep.reshape(_original(m, t).shape))
+            pruned, total = pruned + int((~keep).sum()), total + keep.numel()
     if emptied:
         warnings.warn(f"prune_global pruned every weight of {', '.join(emptied)}: their outputs no longer depend "
                       "on their inputs; exclude them, or prune less", stacklevel=2)
-    return int((~keep).sum()) / len(keep)
+    return pruned / total
 
 
 def sparsity(model, per_layer=False):

@@ -245,6 +245,34 @@ def test_prune_global_picks_the_weights_torch_global_unstructured_picks(amount):
     assert all(torch.equal(a, m.weight_mask.bool()) for a, m in zip(masks(model).values(), layers, strict=True))
 
 
+def test_the_radix_select_finds_the_value_a_sort_finds():
+    """prune_global's threshold, found 16 bits at a time over chunks that are never concatenated."""
+    torch.manual_seed(0)
+    chunks = [torch.rand(n) * 10 ** torch.randint(-8, 3, (n,)).float() for n in (7, 1000, 0, 333)]
+    chunks.append(chunks[1][:50].clone())  # ties across chunks
+    ordered = torch.cat(chunks).sort().values
+    for k in (1, 2, 500, 700, len(ordered)):
+        bits, ties = pl._kth_smallest(lambda: iter(chunks), k)
+        value = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+        assert value == ordered[k - 1] and ties == int((ordered[:k] == value).sum())
+
+
+@pytest.mark.parametrize("amount", [0.3, 0.5, 0.77])
+@pytest.mark.filterwarnings("ignore:prune_global pruned every weight")  # ties go in layer order: layer 0 at 0.77
+def test_prune_global_prunes_exactly_its_share_when_many_magnitudes_tie(amount):
+    """Four magnitudes for all weights: the threshold splits a tie, and exactly that many of it go."""
+    model = small_net()
+    with torch.no_grad():
+        for m in model[:7]:
+            if hasattr(m, "weight"):
+                m.weight.copy_(torch.randint(1, 5, m.weight.shape) * torch.randn(m.weight.shape).sign())
+    magnitudes = torch.cat([m.weight.abs().flatten() for m in model[:7] if hasattr(m, "weight")])
+    pl.prune_global(model, amount, exclude=HEAD)
+    kept = torch.cat([mask.flatten() for mask in masks(model).values()])
+    assert int((~kept).sum()) == round(amount * len(kept))
+    assert magnitudes[~kept].max() <= magnitudes[kept].min()
+
+
 def test_a_channels_last_model_prunes_adapts_and_merges_like_a_contiguous_one():
     """torch's global_unstructured cannot flatten channels_last weights; prune_global can."""
     model, fast = small_net(), small_net().to(memory_format=torch.channels_last)
