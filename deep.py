@@ -13,6 +13,11 @@ only the head. Each is an option of unlearn.py, off by default; depth.py measure
                       own class's base prototype while the forget images move (no extra forward pass)
     --project-start K the factors start at the rank-K edit dW = -(M * W) Q Q^T, Q the input directions the
                       forget images use and the retained images do not (generalised eigenvectors)
+    --tie-head 1      while the factors train, the head is not used: every image is classified by 10 * cos(f(x),
+                      m_c), m_c a running mean of class c's normalised features (the forget classes' too), and
+                      each forget image's target is its nearest retained class, so the forgetting has to happen
+                      in the features (the fix of "An Illusion of Unlearning?", arXiv 2604.08271, for a head that
+                      hides a class its features keep); then the head alone is fitted on the retained features
     --salient-prune Q prune first the share Q of weights the forget images' loss leans on most
     --relabel-forget 1  train on the forget images too, each labelled as its nearest other class
 """
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import distributed
 import prunelora as pl
 from cli import UserError, autocast, fraction, number
 from data import forget_mask, make_batch, predict, with_labels
@@ -42,6 +48,9 @@ def add_args(group):
     group.add_argument("--project-start", type=whole, default=0, metavar="K",
                        help="start the factors at the rank-K edit that removes the input directions the forget "
                        "images use and the retained ones do not (K <= --rank; 0: B = 0 as usual)")
+    group.add_argument("--tie-head", type=int, choices=(0, 1), default=0,
+                       help="1: train the factors against the cosine to each class's running mean feature instead "
+                       "of the head, the forget images toward their nearest retained class; then fit the head alone")
     group.add_argument("--salient-prune", type=fraction, default=0.0, metavar="Q",
                        help="first prune the share Q of weights the forget images' loss leans on most "
                        "(|w * dL/dw|), then --prune-amount of the rest by magnitude")
@@ -58,11 +67,19 @@ def check_args(args, methods):
     if (args.push or args.hold) and args.relabel_forget:
         raise UserError("--relabel-forget 1 gives the forget images other labels, which --push and --hold read as "
                         "retained; use one or the other")
+    if args.tie_head and not args.forget_class:
+        raise UserError("--tie-head 1 needs the forget classes' means; use it with --forget-class, "
+                        "not with --forget-share or --forget-index")
+    if args.tie_head and (args.push or args.hold or args.relabel_forget):
+        raise UserError("--tie-head 1 replaces the loss that --push, --hold and --relabel-forget change; "
+                        "use one or the other")
+    if args.tie_head and distributed.world_size() > 1:
+        raise UserError("--tie-head 1 keeps its class means in one process; run it without torchrun")
     if args.project_start > args.rank:
         raise UserError(f"--project-start {args.project_start} is above --rank {args.rank}; allowed: 0 to {args.rank}")
     used = [flag for flag, on in (("--push", args.push), ("--hold", args.hold), ("--project-start", args.project_start),
-                                  ("--salient-prune", args.salient_prune), ("--relabel-forget", args.relabel_forget))
-            if on]
+                                  ("--tie-head", args.tie_head), ("--salient-prune", args.salient_prune),
+                                  ("--relabel-forget", args.relabel_forget)) if on]
     if used and "prunelora" not in methods:
         raise UserError(f"{', '.join(used)} change prunelora only, and --method has no prunelora")
 
@@ -128,6 +145,78 @@ def forget_feature_loss(model, data, split, forget_classes, args):
     prototypes = class_prototypes(model, data, split["retain"].to(data.train_labels.device), retained,
                                   seed=args.seed)
     return ForgetFeatureLoss(model, prototypes, retained, forget_classes, args.push, args.hold)
+
+# -----------------------------------------------------------------------------
+# --tie-head: a head that cannot carry the forgetting
+
+
+class TiedHeadLoss:
+    """loss_fn(logits, labels) for fit() on retained and forget images together that leaves the head's
+    logits unused: the scores are SCALE * cos(f(x), m_c) for every class c, m_c a running mean of the
+    class's normalised features (the base's class prototypes at first, then after each step
+    momentum * m_c + (1 - momentum) * the batch's normalised mean), the target of a retained image its
+    class, of a forget image its nearest retained class by these scores. The forget classes keep their
+    own means, so a forget image only scores as retained once its feature is nearer a retained class's
+    mean than its own class's. The head gets no gradient; fit_head() fits it afterwards."""
+    SCALE = 10  # as ForgetFeatureLoss: cosines as logits
+
+    def __init__(self, model, means, forget_classes, momentum=0.9):
+        self.means, self.momentum = means.clone(), momentum
+        self.forget = torch.tensor(forget_classes, device=means.device)
+        self.features = None
+        self.handle = model.head.register_forward_pre_hook(self._grab)
+
+    def _grab(self, module, inputs):
+        self.features = inputs[0]
+
+    def __call__(self, logits, labels):
+        features = F.normalize(self.features.float(), dim=1)
+        scores = self.SCALE * features @ F.normalize(self.means, dim=1).T
+        is_forget = forget_mask(labels, self.forget.tolist())
+        targets = labels.clone()
+        if is_forget.any():
+            targets[is_forget] = scores.detach()[is_forget].index_fill(1, self.forget, float("-inf")).argmax(1)
+        loss = F.cross_entropy(scores, targets)
+        with torch.no_grad():  # each class seen in the batch moves its mean toward the batch's
+            sums = torch.zeros_like(self.means).index_add_(0, labels, features.detach())
+            seen = torch.bincount(labels, minlength=len(self.means)) > 0
+            self.means[seen] = self.momentum * self.means[seen] + (1 - self.momentum) * F.normalize(sums[seen], dim=1)
+        return loss
+
+    def remove(self):
+        self.handle.remove()
+
+
+def tied_head_loss(model, data, split, forget_classes, seed=0):
+    """--tie-head's loss for this model (the base: the means start at its class prototypes)."""
+    means = class_prototypes(model, data, split["train"].to(data.train_labels.device), range(data.num_classes),
+                             seed=seed)
+    return TiedHeadLoss(model, means, forget_classes)
+
+
+def fit_head(model, data, index, seed, epochs=10, batch_size=512, lr=1e-2):
+    """Fit model.head alone on the penultimate features of data.train_images[index] (eval mode, no
+    augmentation; computed once): Adam, the learning rate falling linearly to 0. The head starts as it
+    is (for PruneLoRA: the base's, the forget rows reset), so the forget classes, never a target here,
+    are pushed down as in the usual unlearning. Returns the last epoch's mean loss."""
+    with torch.no_grad():
+        features = predict(model, data, data.train_images[index.to(data.train_images.device)], features=True)
+    labels = data.train_labels[index.to(data.train_labels.device)]
+    optimizer = torch.optim.Adam(model.head.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    total, step = epochs * -(-len(labels) // batch_size), 0
+    for _ in range(epochs):
+        losses = []
+        for batch in torch.randperm(len(labels), generator=generator).to(labels.device).split(batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * (1 - step / total)
+            loss = F.cross_entropy(model.head(features[batch]).float(), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+    return sum(losses) / len(losses)
 
 # -----------------------------------------------------------------------------
 # --project-start: a closed-form start for the factors

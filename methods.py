@@ -55,6 +55,9 @@ def unlearn_prunelora(model, data, task, args):
     if args.push or args.hold:  # the forget images too, under a term on their features (the base's prototypes)
         loss_fn = deep.forget_feature_loss(model, data, task.split, args.forget_class, args)
         train_on = task.split["train"]
+    if args.tie_head:  # the forget images too, classified by class means of the features, not by the head
+        loss_fn = deep.tied_head_loss(model, data, task.split, args.forget_class, args.seed)
+        train_on = task.split["train"]
     if args.salient_prune:  # before the head's forget rows are reset: the saliency is the base model's
         deep.prune_forget_salient(model, data, task.split["forget"], args)
     prepare_prunelora(model, args)                            # 0-2. reset the forget rows, prune, adapt
@@ -64,9 +67,12 @@ def unlearn_prunelora(model, data, task, args):
         facts = finetune_on(model, train_data, train_on, args, task,  # 3. unlearn: the factors and the head train
                             loss_fn=loss_fn, lr=args.lora_lr, freeze_bn=args.freeze_bn)
     finally:
-        if isinstance(loss_fn, deep.ForgetFeatureLoss):
+        if isinstance(loss_fn, (deep.ForgetFeatureLoss, deep.TiedHeadLoss)):
             loss_fn.remove()
-    return pl.merge_lora(model), facts                        # 4. merge under the mask
+    pl.merge_lora(model)                                      # 4. merge under the mask
+    if args.tie_head:  # the head got no gradient: fitted now on the retained images' features
+        deep.fit_head(model, data, task.split["retain"], args.seed)
+    return model, facts
 
 
 def reset_forget_rows(model, args):

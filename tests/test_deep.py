@@ -29,8 +29,8 @@ def base_model(base, data):
 def prunelora_args(**changes):
     return argparse.Namespace(**dict(dict(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lr=1e-3, lora_lr=3e-3,
                                           reset_head=1, depth=False, freeze_bn=1, salient_prune=0.0, relabel_forget=0,
-                                          push=0.0, hold=0.0, project_start=0, epochs=1, batch_size=32, seed=0,
-                                          arch="cnn"), **changes))
+                                          push=0.0, hold=0.0, tie_head=0, project_start=0, epochs=1, batch_size=32,
+                                          seed=0, arch="cnn"), **changes))
 
 # -----------------------------------------------------------------------------
 # --project-start
@@ -149,6 +149,44 @@ def test_push_without_forget_classes_is_a_one_line_error(synthetic_dataset, base
                              "--base", str(base_checkpoint), "--arch", "cnn", "--forget-share", "0.1", "--push", "1"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "--forget-class" in result.stderr
+
+# -----------------------------------------------------------------------------
+# --tie-head
+
+
+def test_tied_head_loss_scores_by_class_means_not_the_head_and_sends_forget_images_to_the_nearest_retained():
+    means = F.normalize(torch.eye(4)[:, :3] + 0.1, dim=1)  # four classes in three dimensions; class 3 is forgotten
+    loss = deep.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], momentum=0.9)
+    labels = torch.tensor([0, 3, 3])
+    loss.features = torch.tensor([[2.0, 0, 0], [0.1, 1, 0.2], [0.3, 0, 1]], requires_grad=True)  # forget: near 1, 2
+    logits = torch.zeros(3, 4, requires_grad=True)
+    value = loss(logits, labels)
+    scores = 10 * F.normalize(loss.features, dim=1) @ means.T
+    assert torch.allclose(value, F.cross_entropy(scores, torch.tensor([0, 1, 2])))
+    assert torch.autograd.grad(value, logits, allow_unused=True)[0] is None  # the head gets no gradient
+    batch_mean = lambda rows: F.normalize(F.normalize(loss.features[rows].detach(), dim=1).mean(0), dim=0)
+    assert torch.allclose(loss.means[0], 0.9 * means[0] + 0.1 * batch_mean([0]))      # a running mean per class,
+    assert torch.allclose(loss.means[3], 0.9 * means[3] + 0.1 * batch_mean([1, 2]))   # the forget class's too
+    assert torch.equal(loss.means[1:3], means[1:3])                                    # classes not in the batch
+    loss.remove()
+
+
+def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leaves_no_hook(class_1_task):
+    data, base, split = class_1_task
+    model, row = unlearn.run_method("prunelora", Task(0, base, None, split), data, prunelora_args(tie_head=1, epochs=2),
+                                    data.train_images.device)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
+
+
+def test_tie_head_with_push_is_a_one_line_error(synthetic_dataset, base_checkpoint, tmp_path):
+    dataset, data_dir = synthetic_dataset
+    result = subprocess.run([sys.executable, str(HERE / "unlearn.py"), "--dataset", dataset, "--data-dir", data_dir,
+                             "--base", str(base_checkpoint), "--arch", "cnn", "--forget-class", "1", "--tie-head", "1",
+                             "--push", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "--tie-head" in result.stderr
+    assert not list(tmp_path.iterdir())
+
 
 # -----------------------------------------------------------------------------
 # --salient-prune, --relabel-forget
