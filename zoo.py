@@ -2,6 +2,7 @@
 
     python zoo.py                         # every model in torchvision.models, random init: a table
     python zoo.py --only mobilenet vit_b  # the models whose names contain these
+    python zoo.py --prune-memory --only vit_b_16   # instead: prune_global's resident-memory peak per model
 
 Each model is built with 10 classes and random weights, its classifier found as the last layer
 with 10 outputs, then run through the recipe word for word: prune_global 50 % without the head,
@@ -134,12 +135,46 @@ def check(name, steps=2):
     return row
 
 
+def prune_peak(name, results):
+    """Child process: the rise of the resident-memory peak while prune_global prunes `name` 50 %."""
+    import resource
+    torch.manual_seed(0)
+    model, _ = build(name)
+    params = sum(p.numel() for p in model.parameters())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.prune_global(model, 0.5, exclude=(head_name(model),))
+    results.put((params, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+
+def prune_memory(names):
+    """One fresh process per model, since the peak a process reports is that of its whole life."""
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    print("| model | parameters | resident peak before -> while pruning | above the model, bytes per parameter |")
+    print("|---|---|---|---|")
+    for name in names:
+        results = context.Queue()
+        child = context.Process(target=prune_peak, args=(name, results))
+        child.start()
+        params, before, after = results.get()
+        child.join()
+        print(f"| {name} | {params / 1e6:.1f} M | {before / 2**20:.2f} -> {after / 2**20:.2f} GB | "
+              f"{(after - before) * 1024 / params:.1f} |", flush=True)
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", default=None, help="only the models whose names contain these")
+    parser.add_argument("--prune-memory", action="store_true",
+                        help="instead: prune_global's resident-memory peak on each model (one process each)")
     args = parser.parse_args()
     names = [n for n in torchvision.models.list_models(module=torchvision.models)
              if args.only is None or any(part in n for part in args.only)]
+    if args.prune_memory:
+        return prune_memory(names)
     print("| model | adapted / all weights | adapted share | B=0 | reached | prune+FT grad | copy | load | "
           "merged (rel) | keys | zeros | emptied |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
