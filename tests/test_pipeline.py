@@ -294,13 +294,14 @@ def test_unlearn_trains_a_base_model_when_there_is_none(synthetic_dataset, tmp_p
     assert (tmp_path / default_checkpoint(dataset, "cnn")).is_file()
 
 
-def test_unlearn_as_functions_forgets_several_classes(synthetic_dataset, base_checkpoint):
+@pytest.mark.parametrize("tie_head", [0, 1])
+def test_unlearn_as_functions_forgets_several_classes(tie_head, synthetic_dataset, base_checkpoint):
     dataset, data_dir = synthetic_dataset
     data = load_dataset(dataset, data_dir)
     base = load_checkpoint(base_checkpoint, dataset, "cnn")
     args = argparse.Namespace(forget_class=[0, 3], prune_amount=0.5, rank=4, alpha=8, lr=1e-3,
                               lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=0, salient_prune=0.0,
-                              relabel_forget=0, push=0.0, hold=0.0, tie_head=0, project_start=0,
+                              relabel_forget=0, push=0.0, hold=0.0, tie_head=tie_head, project_start=0,
                               epochs=3, batch_size=32, seed=0, arch="cnn")
     index = training_index(data)
     forget = torch.isin(data.train_labels, torch.tensor(args.forget_class))
