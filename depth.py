@@ -253,8 +253,8 @@ def separation(per_seed):
 SCORE_MEASURES = ("ncm_acc_50", "ncm_acc")
 # A second readout that is not a nearest-class-mean probe, so that a method cannot pass by moving the
 # class means alone: the linear probe, which on the converged Fashion-MNIST bases (RESULTS.md, "Which
-# measure reads depth on converged bases") set the ends 8.5 seed spreads apart, the most of the
-# non-NCM measures that look for the class (relearning 3.6-5.7)
+# measure reads depth on converged bases") set the ends 8.3 seed spreads apart over three seeds, the most
+# of the non-NCM measures that look for the class (relearning 3.4-6.9)
 SECOND_MEASURES = ("probe_acc",)
 SCORES = {"depth_score": SCORE_MEASURES, "depth_score_2": SECOND_MEASURES}  # score key: the measures it may read
 
