@@ -14,6 +14,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+import deep
 import prunelora as pl
 from checkpoints import fresh_model
 from cli import autocast
@@ -71,10 +72,15 @@ def trainer(name, base, x, y, args):
     optimizer = torch.optim.Adam(params, lr=1e-9)  # a tiny step: the timing, not the weights, matters
     compiled = name != method
     forward = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None) if compiled else model
+    loss_fn = F.cross_entropy
+    if method == "prunelora" and getattr(args, "tie_head", 0):
+        # the tied head's loss scores the features against class means; their values do not change the cost
+        means = torch.randn(model.head.out_features, model.head.in_features, device=device)
+        loss_fn = deep.TiedHeadLoss(model, means, args.forget_class)
 
     def step():
         with autocast(device):
-            loss = F.cross_entropy(forward(x).float(), y)
+            loss = loss_fn(forward(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

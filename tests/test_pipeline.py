@@ -285,6 +285,23 @@ def test_the_bench_times_each_model_in_the_mode_unlearning_trains_it_in(syntheti
             assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before)) == frozen, (name, freeze_bn)
 
 
+def test_the_bench_times_prunelora_with_the_tied_head_s_loss_when_asked(synthetic_dataset):
+    """With --tie-head 1 the timed PruneLoRA step is the one unlearning takes: the loss on the features,
+    no gradient to the head."""
+    dataset, data_dir = synthetic_dataset
+    data = load_dataset(dataset, data_dir)
+    base = checkpoint_dict(build_model("cnn", data.train_images.shape[1], data.num_classes), data, "cnn", {})
+    batch = torch.arange(4)
+    x, y = make_batch(data, data.train_images, batch), data.train_labels[batch]
+    for tie_head in (0, 1):
+        args = argparse.Namespace(prune_amount=0.5, rank=2, alpha=4, freeze_bn=1, forget_class=[1], reset_head=1,
+                                  tie_head=tie_head)
+        model, step = bench.trainer("prunelora", base, x, y, args)
+        step()
+        assert (model.head.weight.grad is None) == bool(tie_head)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+
+
 def test_unlearn_trains_a_base_model_when_there_is_none(synthetic_dataset, tmp_path):
     dataset, data_dir = synthetic_dataset
     result = run("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--forget-class", "2",
