@@ -264,14 +264,20 @@ def test_bench_steps_prints_step_time_ratios_and_where_each_step_goes(synthetic_
     assert not (tmp_path / "results").exists()  # a benchmark writes nothing
 
 
-def test_the_bench_times_each_model_in_the_mode_unlearning_trains_it_in(synthetic_dataset):
-    """With --freeze-bn 1 (the default) unlearning trains LoRA and PruneLoRA with BatchNorm frozen and
-    fine-tuning with it in train mode; a bench step in another mode would time another computation."""
+def bench_inputs(synthetic_dataset):
+    """A random cnn's checkpoint for the synthetic data and one batch of 4 training images."""
     dataset, data_dir = synthetic_dataset
     data = load_dataset(dataset, data_dir)
     base = checkpoint_dict(build_model("cnn", data.train_images.shape[1], data.num_classes), data, "cnn", {})
     batch = torch.arange(4)
     x, y = make_batch(data, data.train_images, batch), data.train_labels[batch]
+    return base, x, y
+
+
+def test_the_bench_times_each_model_in_the_mode_unlearning_trains_it_in(synthetic_dataset):
+    """With --freeze-bn 1 (the default) unlearning trains LoRA and PruneLoRA with BatchNorm frozen and
+    fine-tuning with it in train mode; a bench step in another mode would time another computation."""
+    base, x, y = bench_inputs(synthetic_dataset)
     for freeze_bn in (1, 0):
         args = argparse.Namespace(prune_amount=0.5, rank=2, alpha=4, freeze_bn=freeze_bn,
                                   forget_class=[1], reset_head=1)
@@ -288,11 +294,7 @@ def test_the_bench_times_each_model_in_the_mode_unlearning_trains_it_in(syntheti
 def test_the_bench_times_prunelora_with_the_tied_head_s_loss_when_asked(synthetic_dataset):
     """With --tie-head 1 the timed PruneLoRA step is the one unlearning takes: the loss on the features,
     no gradient to the head."""
-    dataset, data_dir = synthetic_dataset
-    data = load_dataset(dataset, data_dir)
-    base = checkpoint_dict(build_model("cnn", data.train_images.shape[1], data.num_classes), data, "cnn", {})
-    batch = torch.arange(4)
-    x, y = make_batch(data, data.train_images, batch), data.train_labels[batch]
+    base, x, y = bench_inputs(synthetic_dataset)
     for tie_head in (0, 1):
         args = argparse.Namespace(prune_amount=0.5, rank=2, alpha=4, freeze_bn=1, forget_class=[1], reset_head=1,
                                   tie_head=tie_head)
