@@ -158,8 +158,11 @@ def prune_memory(names):
         results = context.Queue()
         child = context.Process(target=prune_peak, args=(name, results))
         child.start()
+        child.join()  # the result is three numbers: it fits the queue's pipe, so the child can end first
+        if child.exitcode != 0:  # killed for memory, say: a row that says so, not a wait on an empty queue
+            print(f"| {name} | x the process ended with exit code {child.exitcode} | | |", flush=True)
+            continue
         params, before, after = results.get()
-        child.join()
         print(f"| {name} | {params / 1e6:.1f} M | {before / 2**20:.2f} -> {after / 2**20:.2f} GB | "
               f"{(after - before) * 1024 / params:.1f} |", flush=True)
     return 0
