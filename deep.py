@@ -99,7 +99,22 @@ def class_prototypes(model, data, index, classes, per_class=300, seed=0):
     return F.normalize(torch.stack([part.mean(0) for part in features.split([len(p) for p in picks])]), dim=1)
 
 
-class ForgetFeatureLoss:
+class HeadInputLoss:
+    """Base of the losses on the penultimate features: a hook on model.head keeps its input from the
+    forward pass the loss follows (no second forward); call remove() when training ends."""
+
+    def __init__(self, model):
+        self.features = None
+        self.handle = model.head.register_forward_pre_hook(self._grab)
+
+    def _grab(self, module, inputs):
+        self.features = inputs[0]
+
+    def remove(self):
+        self.handle.remove()
+
+
+class ForgetFeatureLoss(HeadInputLoss):
     """loss_fn(logits, labels) for fit() on retained and forget images together: cross-entropy on the
     retained ones; push * the cross-entropy of a nearest-class-mean classifier (the forget images' own
     centre and the retained prototypes) that should send each forget image to its nearest retained
@@ -114,11 +129,7 @@ class ForgetFeatureLoss:
                                  device=prototypes.device)
         self.column[torch.tensor(retained_classes, device=prototypes.device)] = torch.arange(
             len(retained_classes), device=prototypes.device)  # class -> its prototype's row
-        self.features = None
-        self.handle = model.head.register_forward_pre_hook(self._grab)
-
-    def _grab(self, module, inputs):
-        self.features = inputs[0]
+        super().__init__(model)
 
     def __call__(self, logits, labels):
         is_forget = forget_mask(labels, self.forget_classes)
@@ -135,9 +146,6 @@ class ForgetFeatureLoss:
             loss = loss + self.push * F.cross_entropy(scores, scores[:, 1:].argmax(1) + 1)
         return loss
 
-    def remove(self):
-        self.handle.remove()
-
 
 def forget_feature_loss(model, data, split, forget_classes, args):
     """--push/--hold's loss for this model (the base, before pruning: its prototypes are fixed now)."""
@@ -150,7 +158,7 @@ def forget_feature_loss(model, data, split, forget_classes, args):
 # --tie-head: a head that cannot carry the forgetting
 
 
-class TiedHeadLoss:
+class TiedHeadLoss(HeadInputLoss):
     """loss_fn(logits, labels) for fit() on retained and forget images together that leaves the head's
     logits unused: the scores are SCALE * cos(f(x), m_c) for every class c, m_c a running mean of the
     class's normalised features (the base's class prototypes at first, then after each step
@@ -162,17 +170,14 @@ class TiedHeadLoss:
 
     def __init__(self, model, means, forget_classes, momentum=0.9):
         self.means, self.momentum = means.clone(), momentum
-        self.forget = torch.tensor(forget_classes, device=means.device)
-        self.features = None
-        self.handle = model.head.register_forward_pre_hook(self._grab)
-
-    def _grab(self, module, inputs):
-        self.features = inputs[0]
+        self.forget_classes = list(forget_classes)
+        self.forget = torch.tensor(self.forget_classes, device=means.device)
+        super().__init__(model)
 
     def __call__(self, logits, labels):
         features = F.normalize(self.features.float(), dim=1)
         scores = self.SCALE * features @ F.normalize(self.means, dim=1).T
-        is_forget = forget_mask(labels, self.forget.tolist())
+        is_forget = forget_mask(labels, self.forget_classes)
         targets = labels.clone()
         if is_forget.any():
             targets[is_forget] = scores.detach()[is_forget].index_fill(1, self.forget, float("-inf")).argmax(1)
@@ -182,9 +187,6 @@ class TiedHeadLoss:
             seen = torch.bincount(labels, minlength=len(self.means)) > 0
             self.means[seen] = self.momentum * self.means[seen] + (1 - self.momentum) * F.normalize(sums[seen], dim=1)
         return loss
-
-    def remove(self):
-        self.handle.remove()
 
 
 def tied_head_loss(model, data, split, forget_classes, seed=0):
@@ -198,7 +200,7 @@ def fit_head(model, data, index, seed, epochs=10, batch_size=512, lr=1e-2):
     """Fit model.head alone on the penultimate features of data.train_images[index] (eval mode, no
     augmentation; computed once): Adam, the learning rate falling linearly to 0. The head starts as it
     is (for PruneLoRA: the base's, the forget rows reset), so the forget classes, never a target here,
-    are pushed down as in the usual unlearning. Returns the last epoch's mean loss."""
+    are pushed down as in the usual unlearning."""
     with torch.no_grad():
         features = predict(model, data, data.train_images[index.to(data.train_images.device)], features=True)
     labels = data.train_labels[index.to(data.train_labels.device)]
@@ -206,7 +208,6 @@ def fit_head(model, data, index, seed, epochs=10, batch_size=512, lr=1e-2):
     generator = torch.Generator().manual_seed(seed)
     total, step = epochs * -(-len(labels) // batch_size), 0
     for _ in range(epochs):
-        losses = []
         for batch in torch.randperm(len(labels), generator=generator).to(labels.device).split(batch_size):
             for group in optimizer.param_groups:
                 group["lr"] = lr * (1 - step / total)
@@ -214,9 +215,7 @@ def fit_head(model, data, index, seed, epochs=10, batch_size=512, lr=1e-2):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
             step += 1
-    return sum(losses) / len(losses)
 
 # -----------------------------------------------------------------------------
 # --project-start: a closed-form start for the factors

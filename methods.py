@@ -67,7 +67,7 @@ def unlearn_prunelora(model, data, task, args):
         facts = finetune_on(model, train_data, train_on, args, task,  # 3. unlearn: the factors and the head train
                             loss_fn=loss_fn, lr=args.lora_lr, freeze_bn=args.freeze_bn)
     finally:
-        if isinstance(loss_fn, (deep.ForgetFeatureLoss, deep.TiedHeadLoss)):
+        if isinstance(loss_fn, deep.HeadInputLoss):
             loss_fn.remove()
     pl.merge_lora(model)                                      # 4. merge under the mask
     if args.tie_head:  # the head got no gradient: fitted now on the retained images' features

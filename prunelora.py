@@ -218,11 +218,12 @@ def prune_global(model, amount, exclude=(), importance=None):
         threshold, ties = _kth_smallest(lambda: (s - low for s, _ in scores()), count) if count else (-1, 0)
         pruned, total, emptied = 0, 0, []
         for (name, m, t), (s, alive) in zip(targets, scores()):
-            bits = (s - low).view(torch.int32)
+            shifted = s - low
+            bits = shifted.view(torch.int32)
             take = min(ties, int((bits == threshold).sum()))  # of the values equal to the threshold
             ties -= take
             keep = prune.L1Unstructured(int((bits < threshold).sum()) + take).compute_mask(
-                s - low, torch.ones_like(s, dtype=torch.bool))
+                shifted, torch.ones_like(s, dtype=torch.bool))
             if alive is not None:
                 keep = alive.reshape(-1).clone().masked_scatter_(alive.reshape(-1), keep)
             if not keep.any():
