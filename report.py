@@ -79,6 +79,22 @@ def weak_base(per_seed, forget_class):
             "comparison says little; train the base longer (--base-epochs) or on more images")
 
 
+def last_epochs(tasks, count=3):
+    """A note on whether each seed's base had stopped improving: its test accuracy after each of its last
+    count epochs, as train.py recorded them (test_history; a checkpoint from before it kept them has none,
+    and the epochs before a --resume of such a checkpoint read '?'). None when no base has a record."""
+    parts = []
+    for task in tasks:
+        history = task.ckpt.get("test_history") or []
+        if any(acc is not None for acc in history):
+            shown = " / ".join("?" if acc is None else f"{acc:.2f}" for acc in history[-count:])
+            parts.append(f"{shown} %" + (f" (seed {task.seed})" if len(tasks) > 1 else ""))
+    if not parts:
+        return None
+    return (f"the base's test accuracy over its last epochs: {'; '.join(parts)}. Depth and \"retains more\" "
+            "mean something only on a base that has stopped improving")
+
+
 def time_to_target(per_seed, runs):
     """per_seed: {seed: rows}; runs: {method: {epochs: row name}}. For each method, the fewest
     epochs after which it meets the targets against the same seed's Retrain (None: not within the
@@ -269,6 +285,10 @@ def report(per_seed, run, args):
         measure = next((row[key] for rows in per_seed.values() for row in rows.values() if key in row), None)
         if measure:
             notes.append(f"{score}: {measure} on the scale 0 = hidden (the base's features), 1 = Retrain")
+    history = last_epochs(run.tasks)
+    if history:
+        notes.append(history)
+        saved["base_test_history"] = {str(task.seed): task.ckpt.get("test_history") for task in run.tasks}
     noisy = near_chance(shown)
     if noisy and not args.forget_class:  # (a forgotten class's confidences sit far below any threshold)
         notes.append(f"attack acc under {NEAR_CHANCE:g} % (near chance) for {', '.join(noisy)}: the attack barely "

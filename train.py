@@ -214,7 +214,7 @@ def train(args, data, device, log=print, progress=None):
     other = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([dict(params=decay, weight_decay=args.weight_decay), dict(params=other)],
                                 lr=args.lr, momentum=args.momentum, nesterov=True)
-    start_epoch, seconds_before = 0, 0.0
+    start_epoch, seconds_before, test_history = 0, 0.0, []
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["state_dict"])
@@ -225,6 +225,8 @@ def train(args, data, device, log=print, progress=None):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"--resume: {out} does not fit this run ({first}); train afresh without --resume") from None
         start_epoch, seconds_before = ckpt["epochs_done"], ckpt["seconds"]
+        # a checkpoint from before test_history was kept: its epochs' accuracies are unknown (None)
+        test_history = list(ckpt.get("test_history") or [None] * start_epoch)
         log(f"resuming {out} after epoch {start_epoch}")
     index = training_index(data, args.exclude_class, args.train_limit, run["exclude_index"] or ())
     test_keep = ~torch.isin(data.test_labels, torch.tensor(args.exclude_class, dtype=torch.long, device=device))
@@ -237,10 +239,12 @@ def train(args, data, device, log=print, progress=None):
 
     def save(epochs_done, test_acc):
         complete = epochs_done == args.epochs
+        test_history[epochs_done - 1:] = [test_acc]  # one per epoch: whether the base had stopped improving
         extra = {} if complete else dict(optimizer=optimizer.state_dict(), generator=generator.get_state(),
                                          torch_rng=torch.get_rng_state())
         ckpt = checkpoint_dict(model, data, args.arch, run, width=width, test_acc=test_acc, epochs_done=epochs_done,
-                               complete=complete, seconds=seconds_before + time.time() - started, **extra)
+                               complete=complete, seconds=seconds_before + time.time() - started,
+                               test_history=list(test_history), **extra)
         save_checkpoint(ckpt, out)
         saved.append(epochs_done)
 

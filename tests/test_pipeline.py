@@ -93,6 +93,9 @@ def test_unlearn_all_methods_from_the_command_line(synthetic_dataset, base_check
     assert "## Verdict" in md and "- **RA**: accuracy on the retained training images" in md
     verdicts = result.stdout.split("\nverdict (")[1].splitlines()[1:]
     assert {line.split()[0] for line in verdicts if line.startswith("  ")} == set(unlearn.METHODS) - {"retrain", "hidden"}
+    history = json.loads(json_path.read_text())["base_test_history"]["0"]  # the base's 2 epochs, as train.py saw them
+    assert len(history) == 2 and history[-1] == torch.load(base_checkpoint, weights_only=True)["test_acc"]
+    assert f"last epochs: {history[0]:.2f} / {history[1]:.2f} %" in result.stdout
     for method in ("prunelora", "lora", "finetune"):
         assert rows[method]["step_time_vs_finetune"] > 0
     assert rows["finetune"]["step_time_vs_finetune"] == 1

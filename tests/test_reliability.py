@@ -322,6 +322,7 @@ def test_resume_after_a_kill_gives_bitwise_the_same_model_as_an_uninterrupted_ru
         b = torch.load(path, weights_only=True)
         assert a["complete"] and b["complete"] and a["epochs_done"] == b["epochs_done"] == 3
         assert_state_dicts_equal(a["state_dict"], b["state_dict"])
+        assert len(a["test_history"]) == 3 and b["test_history"] == a["test_history"]  # one test accuracy per epoch
 
 
 @pytest.mark.parametrize("script", ["train", "unlearn"])

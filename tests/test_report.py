@@ -49,6 +49,15 @@ def test_a_base_under_half_right_is_called_too_weak():
     assert report.weak_base({0: {"base": row(TA=39.0)}}, []) is not None  # a random sample: TA alone
 
 
+def test_the_note_on_the_base_shows_its_last_epochs_per_seed_and_marks_unknown_ones():
+    from types import SimpleNamespace as Task
+    one = [Task(seed=0, ckpt=dict(test_history=[70.0, 80.0, 81.0, 81.25]))]
+    assert "last epochs: 80.00 / 81.00 / 81.25 %." in report.last_epochs(one)
+    resumed = Task(seed=1, ckpt=dict(test_history=[None, None, 79.5]))  # resumed from a checkpoint without a record
+    assert "80.00 / 81.00 / 81.25 % (seed 0); ? / ? / 79.50 % (seed 1)" in report.last_epochs([*one, resumed])
+    assert report.last_epochs([Task(seed=0, ckpt={}), Task(seed=1, ckpt=dict(test_history=[None]))]) is None
+
+
 def test_the_terminal_table_is_aligned_and_shows_the_spread():
     rows = {"base": row(seconds=10.0), "prunelora-long-name": row(RA=9.5, seconds=1.0)}
     spread = {"base": {"RA": 0.25}, "prunelora-long-name": {"RA": 1.5}}
