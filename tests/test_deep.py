@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import deep
 import prunelora as pl
 import unlearn
+from cli import UserError
 from data import predict
 from evaluate import unlearning_metrics
 from methods import Task
@@ -29,8 +30,8 @@ def base_model(base, data):
 def prunelora_args(**changes):
     return argparse.Namespace(**dict(dict(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lr=1e-3, lora_lr=3e-3,
                                           reset_head=1, depth=False, freeze_bn=1, salient_prune=0.0, relabel_forget=0,
-                                          push=0.0, hold=0.0, tie_head=0, project_start=0, epochs=1, batch_size=32,
-                                          seed=0, arch="cnn"), **changes))
+                                          push=0.0, hold=0.0, tie_head=0, deep=0, project_start=0, epochs=1,
+                                          batch_size=32, seed=0, arch="cnn"), **changes))
 
 # -----------------------------------------------------------------------------
 # --project-start
@@ -177,6 +178,20 @@ def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leave
                                     data.train_images.device)
     assert not any(m._forward_pre_hooks for m in model.modules())
     assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
+
+
+def test_deep_1_selects_the_tied_head_and_refuses_options_of_its_own():
+    args = prunelora_args(deep=1)
+    deep.check_args(args, ["retrain", "prunelora"])
+    assert args.tie_head == 1 and deep.DEEP == {"tie_head": 1}  # and nothing else changed
+    assert vars(args) == vars(prunelora_args(deep=1, tie_head=1))
+    for clash in (dict(tie_head=1), dict(push=1.0), dict(project_start=2)):
+        with pytest.raises(UserError, match="--deep 1 sets the options"):
+            deep.check_args(prunelora_args(deep=1, **clash), ["prunelora"])
+    with pytest.raises(UserError, match="--deep 1 changes prunelora only"):
+        deep.check_args(prunelora_args(deep=1), ["finetune"])
+    with pytest.raises(UserError, match=r"--deep 1 \(--tie-head 1\) needs the forget classes"):
+        deep.check_args(prunelora_args(deep=1, forget_class=[]), ["prunelora"])
 
 
 def test_tie_head_with_push_is_a_one_line_error(synthetic_dataset, base_checkpoint, tmp_path):
