@@ -47,7 +47,8 @@ def test_a_torchvision_model_has_a_linear_head_and_its_attention_is_covered():
     names = [name for name, _, _ in pl.prunable(model, exclude=("head",))]
     assert "net.encoder.layers.encoder_layer_0.self_attention.in_proj_weight" in names
     assert checkpoints.default_checkpoint("cifar10", "tv:mobilenet_v3_small").name == "cifar10-tv-mobilenet_v3_small.pt"
-    norms = [m for m in models.build_model("tv:mobilenet_v3_small", 3, 7).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    model = models.build_model("tv:mobilenet_v3_small", 3, 7)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(m.momentum == 0.1 for m in norms)  # torchvision's 0.01 lags behind in a short run
 
 

@@ -57,7 +57,8 @@ def test_gaps_to_retrain_and_the_far_above_mia_warning():
             "over": dict(same, MIA=60.0), "close": dict(same, MIA=52.0), "under": dict(same, MIA=20.0, RA=86.0)}
     assert gaps_to_retrain(rows) == ["over"]  # far = 3 standard errors of a share of 1,000 images: 4.7 points
     assert [rows[m]["MIA_gap"] for m in ("retrain", "over", "close", "under")] == [0, 10, 2, -30]
-    assert [rows[m]["avg_gap"] for m in ("retrain", "over", "under")] == [0, 2.5, 8.5]  # mean |gap| over UA, MIA, RA, TA
+    # the mean |gap| over UA, MIA, RA, TA
+    assert [rows[m]["avg_gap"] for m in ("retrain", "over", "under")] == [0, 2.5, 8.5]
     assert gaps_to_retrain({"base": dict(MIA=10.0)}) == []  # without Retrain there is nothing to read against
     rows["over"]["MIA_attack_acc"], rows["close"]["MIA_attack_acc"] = 51.0, 70.0
     assert near_chance(rows) == ["over"]  # its attack barely beats a coin: the 10-point gap is a note, not a warning
@@ -67,8 +68,9 @@ def test_metrics_of_a_model_that_predicts_one_class():
     class Constant(torch.nn.Module):
         def forward(self, x):
             return torch.tensor([0.0, 5.0, 0.0])[None].repeat(len(x), 1)
-    data = Data("toy", ["a", "b", "c"], torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2]),
-                      torch.zeros(3, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1, 2]), torch.zeros(1), torch.ones(1), False)
+    images = lambda n: torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
+    data = Data("toy", ["a", "b", "c"], images(6), torch.tensor([0, 1, 2, 0, 1, 2]), images(3), torch.tensor([0, 1, 2]),
+                torch.zeros(1), torch.ones(1), False)
     metrics = unlearning_metrics(Constant(), data, [1])
     assert metrics["UA"] == 0 and metrics["RA"] == 0 and metrics["TA"] == 0 and metrics["forget_test_acc"] == 100
 
@@ -85,14 +87,16 @@ def test_unlearn_all_methods_from_the_command_line(synthetic_dataset, base_check
     rows = json.loads(json_path.read_text())["results"]
     assert set(rows) == {"base", *unlearn.METHODS}
     for method in unlearn.METHODS:
-        assert {"UA", "MIA", "RA", "TA", "forget_test_acc", "seconds", "trainable_params", "sparsity"} <= set(rows[method])
+        assert {"UA", "MIA", "RA", "TA", "forget_test_acc", "seconds", "trainable_params",
+                "sparsity"} <= set(rows[method])
         assert f"| {method} |" in json_path.with_suffix(".md").read_text()
         assert any(line.split()[:1] == [method] for line in result.stdout.splitlines())  # its row in the terminal
     md = json_path.with_suffix(".md").read_text()  # it says how it was made and what each column means
     assert md.startswith("# Unlearning results") and "Command: `python unlearn.py --dataset" in md
     assert "## Verdict" in md and "- **RA**: accuracy on the retained training images" in md
     verdicts = result.stdout.split("\nverdict (")[1].splitlines()[1:]
-    assert {line.split()[0] for line in verdicts if line.startswith("  ")} == set(unlearn.METHODS) - {"retrain", "hidden"}
+    judged = set(unlearn.METHODS) - {"retrain", "hidden"}
+    assert {line.split()[0] for line in verdicts if line.startswith("  ")} == judged
     history = json.loads(json_path.read_text())["base_test_history"]["0"]  # the base's 2 epochs, as train.py saw them
     assert len(history) == 2 and history[-1] == torch.load(base_checkpoint, weights_only=True)["test_acc"]
     assert f"last epochs: {history[0]:.2f} / {history[1]:.2f} %" in result.stdout
@@ -110,7 +114,8 @@ def test_unlearn_all_methods_from_the_command_line(synthetic_dataset, base_check
     assert not (tmp_path / "checkpoints" / "unlearned" / f"{json_path.stem}-hidden.pt").exists()
 
 
-def test_several_seeds_run_the_comparison_once_each_with_their_own_base_and_report_the_mean(synthetic_dataset, tmp_path):
+def test_several_seeds_run_the_comparison_once_each_with_their_own_base_and_report_the_mean(synthetic_dataset,
+                                                                                           tmp_path):
     dataset, data_dir = synthetic_dataset
     result = run("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--forget-class", "1",
                  "--method", "prunelora,finetune", "--seed", "0", "1", *FAST_BASE, *FAST_UNLEARN, cwd=tmp_path)
@@ -186,7 +191,8 @@ def test_several_epoch_counts_give_a_row_each_and_the_fewest_epochs_to_the_targe
                  "--forget-class", "1", "--method", "retrain,finetune,ga", "--epochs", "2", "1", "--batch-size", "32",
                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    saved = json.loads((tmp_path / "results" / f"{Path(default_checkpoint(dataset, 'cnn')).stem}-forget1.json").read_text())
+    stem = Path(default_checkpoint(dataset, "cnn")).stem
+    saved = json.loads((tmp_path / "results" / f"{stem}-forget1.json").read_text())
     rows = saved["results"]
     assert set(rows) == {"base", "retrain", "finetune@1ep", "finetune@2ep", "ga@1ep", "ga@2ep"}  # Retrain once
     for method in ("finetune", "ga"):
@@ -220,7 +226,8 @@ def test_random_sample_forgetting_runs_every_method_and_reads_them_against_retra
     data = load_dataset(dataset, data_dir)
     [retrain] = (tmp_path / "checkpoints").glob("*-without48images-*.pt")
     excluded = torch.tensor(load_checkpoint(retrain)["args"]["exclude_index"])
-    saved = torch.load(tmp_path / "checkpoints" / "unlearned" / f"{stem}-forget-share0.2-prunelora.pt", weights_only=True)
+    saved = torch.load(tmp_path / "checkpoints" / "unlearned" / f"{stem}-forget-share0.2-prunelora.pt",
+                       weights_only=True)
     assert torch.equal(excluded, torch.tensor(saved["args"]["forget_index"]))
     assert len(excluded) == 48 and not torch.isin(training_index(data, exclude_index=excluded.tolist()), excluded).any()
 
@@ -244,7 +251,8 @@ def test_retrain_uses_a_complete_retrain_checkpoint_of_the_same_settings(synthet
 def test_one_base_for_several_seeds_still_gives_each_seed_its_own_retrain(synthetic_dataset, base_checkpoint, tmp_path):
     dataset, data_dir = synthetic_dataset
     result = run("unlearn.py", "--dataset", dataset, "--data-dir", data_dir, "--base", base_checkpoint,
-                 "--forget-class", "1", "--method", "retrain", "--seed", "0", "1", *FAST_BASE, *FAST_UNLEARN, cwd=tmp_path)
+                 "--forget-class", "1", "--method", "retrain", "--seed", "0", "1", *FAST_BASE, *FAST_UNLEARN,
+                 cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     retrained = [load_checkpoint(tmp_path / default_checkpoint(dataset, "cnn", ["1"], seed=seed)) for seed in (0, 1)]
     assert [r["args"]["seed"] for r in retrained] == [0, 1]
@@ -261,8 +269,9 @@ def test_bench_steps_prints_step_time_ratios_and_where_each_step_goes(synthetic_
     peaks = [float(line.split("MiB peak")[0].split()[-1]) for line in lines.values()]
     assert all(peak > 0 for peak in peaks)
     # --bench-profile: per method, its operators' time and calls per step; LoRA's factors add calls
-    totals = {line.split(":")[0]: line for line in result.stdout.splitlines() if line.endswith("profiled steps (CPU ms)")}
-    calls = [float(line.split(" calls")[0].split()[-1]) for line in result.stdout.splitlines() if "all operators" in line]
+    lines = result.stdout.splitlines()
+    totals = {line.split(":")[0]: line for line in lines if line.endswith("profiled steps (CPU ms)")}
+    calls = [float(line.split(" calls")[0].split()[-1]) for line in lines if "all operators" in line]
     assert list(totals) == ["finetune", "lora", "prunelora"] and len(calls) == 3 and calls[1] > calls[0] > 0
     assert not (tmp_path / "results").exists()  # a benchmark writes nothing
 

@@ -475,7 +475,8 @@ MISTAKES = {
     "train-other-dataset-checkpoint": (T, "{data} --arch cnn --resume --out {in}/other-dataset.pt", "'cifar10'"),
     "train-other-arch-checkpoint": (T, "{data} --arch cnn --resume --out {in}/other-arch.pt", "'resnet18'"),
     "train-checkpoint-of-other-classes": (T, "{data} --arch cnn --epochs 2 --batch-size 16 --lr 0.05 --train-limit 64 "
-                                             "--resume --out {in}/five-classes.pt", "{in}/five-classes.pt has 5 classes"),
+                                             "--resume --out {in}/five-classes.pt",
+                                          "{in}/five-classes.pt has 5 classes"),
     "train-folder-without-train": (T, "--dataset folder:{in}/notrain --arch cnn", "{in}/notrain has no train/"),
     "train-classes-differ": (T, "--dataset folder:{in}/mismatch --arch cnn", "dog, eel"),
     "train-zero-width": (T, "{data} --arch resnet18 --width 0", "--width: 0"),
@@ -485,7 +486,8 @@ MISTAKES = {
     "unlearn-seed-repeated": (U, "{data} --arch cnn --base {base} --forget-class 1 --seed 2 2", "2 2"),
     "unlearn-epochs-repeated": (U, "{data} --arch cnn --base {base} --forget-class 1 --epochs 1 3 1", "1 3 1"),
     "unlearn-epochs-zero": (U, "{data} --arch cnn --base {base} --forget-class 1 --epochs 1 0", "--epochs: 0"),
-    "unlearn-bench-profile-alone": (U, "{data} --arch cnn --base {base} --forget-class 1 --bench-profile", "--bench-steps"),
+    "unlearn-bench-profile-alone": (U, "{data} --arch cnn --base {base} --forget-class 1 --bench-profile",
+                                    "--bench-steps"),
     "unlearn-forget-share-one": (U, "{data} --arch cnn --base {base} --forget-share 1", "--forget-share: 1.0"),
     "unlearn-forget-share-zero": (U, "{data} --arch cnn --base {base} --forget-share 0", "--forget-share: 0.0"),
     "unlearn-forget-share-empties-a-class": (U, "{data} --arch cnn --base {base} --forget-share 0.999", "class 0"),
@@ -493,13 +495,17 @@ MISTAKES = {
                                          "leave out --tie-head"),
     "unlearn-deep-without-prunelora": (U, "{data} --arch cnn --base {base} --forget-class 1 --deep 1 --method lora",
                                        "--deep 1 changes prunelora only"),
-    "unlearn-forget-share-forgets-nothing": (U, "{data} --arch cnn --base {base} --forget-share 0.001", "forgets no image"),
-    "unlearn-forget-index-missing": (U, "{data} --arch cnn --base {base} --forget-index {tmp}/none.txt", "{tmp}/none.txt"),
-    "unlearn-forget-index-empty": (U, "{data} --arch cnn --base {base} --forget-index {in}/empty.txt", "{in}/empty.txt is empty"),
+    "unlearn-forget-share-forgets-nothing": (U, "{data} --arch cnn --base {base} --forget-share 0.001",
+                                             "forgets no image"),
+    "unlearn-forget-index-missing": (U, "{data} --arch cnn --base {base} --forget-index {tmp}/none.txt",
+                                     "{tmp}/none.txt"),
+    "unlearn-forget-index-empty": (U, "{data} --arch cnn --base {base} --forget-index {in}/empty.txt",
+                                   "{in}/empty.txt is empty"),
     "unlearn-forget-index-not-integers": (U, "{data} --arch cnn --base {base} --forget-index {in}/words.txt", "'cat'"),
     "unlearn-forget-index-out-of-range": (U, "{data} --arch cnn --base {base} --forget-index {in}/far.txt", "99999"),
     "unlearn-forget-index-repeated": (U, "{data} --arch cnn --base {base} --forget-index {in}/twice.txt", "image 4"),
-    "unlearn-forget-class-and-share": (U, "{data} --arch cnn --base {base} --forget-class 1 --forget-share 0.1", "--forget-share"),
+    "unlearn-forget-class-and-share": (U, "{data} --arch cnn --base {base} --forget-class 1 --forget-share 0.1",
+                                       "--forget-share"),
     "unlearn-forget-nothing-named": (U, "{data} --arch cnn --base {base}", "--forget-class"),
     "unlearn-depth-of-a-random-sample": (U, "{data} --arch cnn --base {base} --forget-share 0.1 --depth", "--depth"),
     "unlearn-width-other-than-the-base": (U, "{data} --arch cnn --base {base} --forget-class 1 --width 8", "--width 8"),
@@ -514,24 +520,34 @@ MISTAKES = {
     "unlearn-zero-epochs": (U, "{data} --arch cnn --base {base} --forget-class 1 --epochs 0", "--epochs: 0"),
     "unlearn-zero-rank": (U, "{data} --arch cnn --base {base} --forget-class 1 --rank 0", "--rank: 0"),
     "unlearn-negative-rank": (U, "{data} --arch cnn --base {base} --forget-class 1 --rank -2", "--rank: -2"),
-    "unlearn-negative-batch-size": (U, "{data} --arch cnn --base {base} --forget-class 1 --batch-size -8", "--batch-size: -8"),
-    "unlearn-prune-amount-one": (U, "{data} --arch cnn --base {base} --forget-class 1 --prune-amount 1", "--prune-amount: 1.0"),
-    "unlearn-prune-amount-negative": (U, "{data} --arch cnn --base {base} --forget-class 1 --prune-amount -0.2", "--prune-amount: -0.2"),
+    "unlearn-negative-batch-size": (U, "{data} --arch cnn --base {base} --forget-class 1 --batch-size -8",
+                                    "--batch-size: -8"),
+    "unlearn-prune-amount-one": (U, "{data} --arch cnn --base {base} --forget-class 1 --prune-amount 1",
+                                 "--prune-amount: 1.0"),
+    "unlearn-prune-amount-negative": (U, "{data} --arch cnn --base {base} --forget-class 1 --prune-amount -0.2",
+                                      "--prune-amount: -0.2"),
     "unlearn-missing-checkpoint": (U, "{data} --arch cnn --base {tmp}/missing.pt --forget-class 1", "{tmp}/missing.pt"),
     "unlearn-corrupt-checkpoint": (U, "{data} --arch cnn --base {in}/corrupt.pt --forget-class 1", "{in}/corrupt.pt"),
-    "unlearn-truncated-checkpoint": (U, "{data} --arch cnn --base {in}/truncated.pt --forget-class 1", "{in}/truncated.pt"),
-    "unlearn-other-dataset-checkpoint": (U, "{data} --arch cnn --base {in}/other-dataset.pt --forget-class 1", "'cifar10'"),
+    "unlearn-truncated-checkpoint": (U, "{data} --arch cnn --base {in}/truncated.pt --forget-class 1",
+                                     "{in}/truncated.pt"),
+    "unlearn-other-dataset-checkpoint": (U, "{data} --arch cnn --base {in}/other-dataset.pt --forget-class 1",
+                                         "'cifar10'"),
     "unlearn-other-arch-checkpoint": (U, "{data} --arch cnn --base {in}/other-arch.pt --forget-class 1", "'resnet18'"),
-    "unlearn-unfinished-checkpoint": (U, "{data} --arch cnn --base {in}/unfinished.pt --forget-class 1", "{in}/unfinished.pt"),
-    "unlearn-folder-without-train": (U, "--dataset folder:{in}/notrain --arch cnn --forget-class 1", "{in}/notrain has no train/"),
-    "unlearn-unwritable-out-dir": (U, "{data} --arch cnn --base {base} --forget-class 1 --out-dir {tmp}/somefile/sub", "{tmp}/somefile"),
+    "unlearn-unfinished-checkpoint": (U, "{data} --arch cnn --base {in}/unfinished.pt --forget-class 1",
+                                      "{in}/unfinished.pt"),
+    "unlearn-folder-without-train": (U, "--dataset folder:{in}/notrain --arch cnn --forget-class 1",
+                                     "{in}/notrain has no train/"),
+    "unlearn-unwritable-out-dir": (U, "{data} --arch cnn --base {base} --forget-class 1 --out-dir {tmp}/somefile/sub",
+                                   "{tmp}/somefile"),
     "evaluate-class-out-of-range": (E, "{base} --forget-class 4 --data-dir {data_dir}", "--forget-class 4"),
     "evaluate-class-repeated": (E, "{base} --forget-class 3 3 --data-dir {data_dir}", "3 3"),
     "evaluate-missing-checkpoint": (E, "{tmp}/missing.pt --forget-class 1 --data-dir {data_dir}", "{tmp}/missing.pt"),
     "evaluate-corrupt-checkpoint": (E, "{in}/corrupt.pt --forget-class 1 --data-dir {data_dir}", "{in}/corrupt.pt"),
-    "evaluate-truncated-checkpoint": (E, "{in}/truncated.pt --forget-class 1 --data-dir {data_dir}", "{in}/truncated.pt"),
+    "evaluate-truncated-checkpoint": (E, "{in}/truncated.pt --forget-class 1 --data-dir {data_dir}",
+                                      "{in}/truncated.pt"),
     "evaluate-other-arch-checkpoint": (E, "{in}/other-arch.pt --forget-class 1 --data-dir {data_dir}", "resnet18"),
-    "evaluate-negative-train-limit": (E, "{base} --forget-class 1 --data-dir {data_dir} --train-limit -5", "--train-limit"),
+    "evaluate-negative-train-limit": (E, "{base} --forget-class 1 --data-dir {data_dir} --train-limit -5",
+                                      "--train-limit"),
 }
 KNOWN_BUGS = {}  # mistakes a script does not catch yet: strict xfails, so fixing one makes its test say so
 
@@ -542,8 +558,9 @@ def mistake_runs(request, tmp_path_factory, data_args, base, bad_inputs):
     holding a regular file called somefile). Returns {mistake: (result, what the line must name, the
     folder's snapshot before, after)}, and snapshots of the shared inputs (bad inputs, base checkpoint,
     data cache) before and after all the runs."""
+    test = "test_every_user_mistake_exits_2_with_one_line_naming_it_and_writes_nothing"
     selected = [item.callspec.params["mistake"] for item in request.session.items
-                if getattr(item, "originalname", "") == "test_every_user_mistake_exits_2_with_one_line_naming_it_and_writes_nothing"]
+                if getattr(item, "originalname", "") == test]
     data_dir = data_args[data_args.index("--data-dir") + 1]
     folders = {mistake: tmp_path_factory.mktemp(mistake) for mistake in selected}
 
@@ -589,7 +606,8 @@ def write_then_fail(obj, path, *args, **kwargs):
 
 @pytest.mark.parametrize("saver", ["checkpoint", "text"])
 @pytest.mark.parametrize("had_previous", [True, False], ids=["over-a-previous-file", "new-file"])
-def test_a_save_that_fails_on_a_full_disk_keeps_the_previous_file_and_no_temporary(saver, had_previous, tmp_path, monkeypatch):
+def test_a_save_that_fails_on_a_full_disk_keeps_the_previous_file_and_no_temporary(saver, had_previous, tmp_path,
+                                                                                    monkeypatch):
     """torch.save / write_text fail part-way with ENOSPC: cli.UserError says what is kept."""
     path = tmp_path / "out.file"
     if had_previous:

@@ -45,7 +45,8 @@ def test_a_base_under_half_right_is_called_too_weak():
     assert "only 39.0 %" in report.weak_base(weak, [3])
     # the weakest seed on each reading, even when they are different seeds
     mixed = {0: {"base": row(TA=80.0, forget_test_acc=30.0)}, 1: {"base": row(TA=70.0, forget_test_acc=75.0)}}
-    assert "70.0 % test accuracy on the retained classes and 30.0 % on the forgotten ones" in report.weak_base(mixed, [3])
+    said = report.weak_base(mixed, [3])
+    assert "70.0 % test accuracy on the retained classes and 30.0 % on the forgotten ones" in said
     assert report.weak_base({0: {"base": row(TA=39.0)}}, []) is not None  # a random sample: TA alone
 
 
