@@ -78,8 +78,6 @@ def check_args(args, methods):
         if named:
             raise UserError(f"--deep 1 sets the options for deeper forgetting itself; leave out {', '.join(named)}, "
                             "or leave out --deep and give each option")
-        if "prunelora" not in methods:
-            raise UserError("--deep 1 changes prunelora only, and --method has no prunelora")
         vars(args).update(DEEP)
     tie = "--deep 1 (--tie-head 1)" if args.deep else "--tie-head 1"  # as the user wrote it
     if (args.push or args.hold) and not args.forget_class:
@@ -98,9 +96,10 @@ def check_args(args, methods):
         raise UserError(f"{tie} keeps its class means in one process; run it without torchrun")
     if args.project_start > args.rank:
         raise UserError(f"--project-start {args.project_start} is above --rank {args.rank}; allowed: 0 to {args.rank}")
-    used = [flag for flag, key in OPTIONS if getattr(args, key)]
+    used = ["--deep 1"] if args.deep else [flag for flag, key in OPTIONS if getattr(args, key)]  # as written
     if used and "prunelora" not in methods:
-        raise UserError(f"{', '.join(used)} change prunelora only, and --method has no prunelora")
+        raise UserError(f"{', '.join(used)} change{'s' if len(used) == 1 else ''} prunelora only, and --method has "
+                        "no prunelora")
 
 # -----------------------------------------------------------------------------
 # --push, --hold: a term on the penultimate features, beside the cross-entropy on retained images
