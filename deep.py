@@ -5,10 +5,8 @@ only the head. Each is an option of unlearn.py, off by default; depth.py measure
                       images x of a batch, whose classes are the forget images' own centre m (the normalised
                       mean of their features) and the base model's prototypes p_c of the retained classes,
                       scores 10 * cos(f(x), .), f the L2-normalised penultimate feature, and the target each
-                      image's nearest retained prototype: each leaves its class's centre for its nearest
-                      retained class, so the class scatters. (Drawn onto a class mean or onto the nearest
-                      retained image alone, the forget images moved as one tight cluster that every probe
-                      still found; the centre in the loss makes that collapse cost log 2, not 0.)
+                      image's nearest retained prototype: the class scatters. (Drawn onto one class mean, the
+                      forget images moved as one tight cluster that every probe still found.)
     --hold M          + M * mean(1 - cos(f(x), p_y)) over the retained images (x, y): they stay at their
                       own class's base prototype while the forget images move (no extra forward pass)
     --project-start K the factors start at the rank-K edit dW = -(M * W) Q Q^T, Q the input directions the
@@ -18,6 +16,8 @@ only the head. Each is an option of unlearn.py, off by default; depth.py measure
                       each forget image's target is its nearest retained class, so the forgetting has to happen
                       in the features (the fix of "An Illusion of Unlearning?", arXiv 2604.08271, for a head that
                       hides a class its features keep); then the head alone is fitted on the retained features
+    --repair-epochs N after --tie-head's epochs, N epochs of PruneLoRA's usual training (the factors and the fitted
+                      head, cross-entropy on the retained images): does the depth survive what RA asks for?
     --deep 1          the best combination measured so far: --tie-head 1 (RA within 1 point of Retrain on
                       Fashion-MNIST, 3.2 points under it on CIFAR-10: RESULTS.md)
     --salient-prune Q prune first the share Q of weights the forget images' loss leans on most
@@ -41,7 +41,8 @@ from models import HEAD
 # cnn (seed 0): depth 3.39 (NCM) and 0.35 (probe) at 3.2 points of RA (RESULTS). Not the default while it costs that.
 DEEP = dict(tie_head=1)
 OPTIONS = (("--push", "push"), ("--hold", "hold"), ("--project-start", "project_start"), ("--tie-head", "tie_head"),
-           ("--salient-prune", "salient_prune"), ("--relabel-forget", "relabel_forget"))
+           ("--repair-epochs", "repair_epochs"), ("--salient-prune", "salient_prune"),
+           ("--relabel-forget", "relabel_forget"))
 
 non_negative = number(float, "a number >= 0", lambda v: v >= 0 and v < float("inf"))
 whole = number(int, "a whole number >= 0", lambda v: v >= 0)
@@ -60,6 +61,9 @@ def add_args(group):
     group.add_argument("--tie-head", type=int, choices=(0, 1), default=0,
                        help="1: train the factors against the cosine to each class's running mean feature instead "
                        "of the head, the forget images toward their nearest retained class; then fit the head alone")
+    group.add_argument("--repair-epochs", type=whole, default=0, metavar="N",
+                       help="with --tie-head 1: then N epochs of the usual training (factors and head, cross-entropy "
+                       "on the retained images), from the fitted head")
     group.add_argument("--deep", type=int, choices=(0, 1), default=0,
                        help="1: the best combination for deeper forgetting measured so far, today "
                        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEEP.items()) + " (RESULTS.md)")
@@ -94,6 +98,8 @@ def check_args(args, methods):
                         "use one or the other")
     if args.tie_head and distributed.world_size() > 1:
         raise UserError(f"{tie} keeps its class means in one process; run it without torchrun")
+    if args.repair_epochs and not args.tie_head:
+        raise UserError(f"--repair-epochs {args.repair_epochs} trains after --tie-head 1; use it with --tie-head 1")
     if args.project_start > args.rank:
         raise UserError(f"--project-start {args.project_start} is above --rank {args.rank}; allowed: 0 to {args.rank}")
     used = ["--deep 1"] if args.deep else [flag for flag, key in OPTIONS if getattr(args, key)]  # as written

@@ -69,8 +69,12 @@ def unlearn_prunelora(model, data, task, args):
     finally:
         if isinstance(loss_fn, deep.HeadInputLoss):
             loss_fn.remove()
+    if args.repair_epochs:  # --tie-head's features, then the usual training: the fitted head and the factors
+        deep.fit_head(model, data, task.split["retain"], args.seed)
+        finetune_on(model, data, task.split["retain"], args, task, lr=args.lora_lr, freeze_bn=args.freeze_bn,
+                    epochs=args.repair_epochs)
     pl.merge_lora(model)                                      # 4. merge under the mask
-    if args.tie_head:  # the head got no gradient: fitted now on the retained images' features
+    if args.tie_head and not args.repair_epochs:  # the head got no gradient: fitted now on the retained features
         deep.fit_head(model, data, task.split["retain"], args.seed)
     return model, facts
 
@@ -96,13 +100,13 @@ def adapt(model, args):
     return pl.mark_only_lora_trainable(model, keep=HEAD)
 
 
-def finetune_on(model, data, index, args, task, loss_fn=F.cross_entropy, lr=None, freeze_bn=False):
-    """Adam on the trainable parameters, warm-up + cosine schedule, args.epochs over data[index]."""
+def finetune_on(model, data, index, args, task, loss_fn=F.cross_entropy, lr=None, freeze_bn=False, epochs=None):
+    """Adam on the trainable parameters, warm-up + cosine schedule, epochs (default args.epochs) over data[index]."""
     params = [p for p in model.parameters() if p.requires_grad]
     peak = lr or args.lr
     optimizer = torch.optim.Adam(params, lr=peak)
     generator = torch.Generator().manual_seed(args.seed)
-    compiled = fit(model, data, index, epochs=args.epochs, batch_size=args.batch_size, optimizer=optimizer,
+    compiled = fit(model, data, index, epochs=epochs or args.epochs, batch_size=args.batch_size, optimizer=optimizer,
                    generator=generator, lr_at=lambda step, total: warmup_cosine(step, total, peak), loss_fn=loss_fn,
                    freeze_bn=freeze_bn, log=lambda line: print("   ", line, flush=True), progress=task.progress,
                    compile=getattr(args, "compile", False))

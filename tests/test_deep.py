@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import deep
+import methods
 import prunelora as pl
 import unlearn
 from cli import UserError
@@ -30,8 +31,8 @@ def base_model(base, data):
 def prunelora_args(**changes):
     return argparse.Namespace(**dict(dict(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lr=1e-3, lora_lr=3e-3,
                                           reset_head=1, depth=False, freeze_bn=1, salient_prune=0.0, relabel_forget=0,
-                                          push=0.0, hold=0.0, tie_head=0, deep=0, project_start=0, epochs=1,
-                                          batch_size=32, seed=0, arch="cnn"), **changes))
+                                          push=0.0, hold=0.0, tie_head=0, repair_epochs=0, deep=0, project_start=0,
+                                          epochs=1, batch_size=32, seed=0, arch="cnn"), **changes))
 
 # -----------------------------------------------------------------------------
 # --project-start
@@ -142,6 +143,35 @@ def test_prunelora_with_push_and_hold_trains_merges_sparse_and_leaves_no_hook(cl
     model, row = unlearn.run_method("prunelora", Task(0, base, None, split), data, args, torch.device("cpu"))
     assert not model.head._forward_pre_hooks and not any(m._forward_pre_hooks for m in model.modules())
     assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
+
+
+def test_repair_epochs_train_the_factors_and_the_fitted_head_on_the_retained_images_after_the_tie(class_1_task,
+                                                                                                 monkeypatch):
+    """--repair-epochs N: the tied phase (all training images, the tied loss, --epochs), the head fitted,
+    then N epochs of the usual loss on the retained images alone, which train the head too; merged as sparse."""
+    data, base, split = class_1_task
+    phases, real = [], methods.finetune_on
+
+    def spy(model, data, index, args, task, **options):
+        phases.append((index, type(options.get("loss_fn")).__name__, options.get("epochs") or args.epochs))
+        head = model.head.weight.detach().clone()
+        facts = real(model, data, index, args, task, **options)
+        phases[-1] += (not torch.equal(head, model.head.weight),)  # did the head train in this phase?
+        return facts
+    monkeypatch.setattr(methods, "finetune_on", spy)
+    model, row = unlearn.run_method("prunelora", Task(0, base, None, split), data,
+                                    prunelora_args(tie_head=1, repair_epochs=2, epochs=1), data.train_images.device)
+    (tied_on, tied_loss, tied_epochs, tied_head), (repair_on, repair_loss, repair_epochs, repair_head) = phases
+    assert torch.equal(tied_on, split["train"]) and tied_loss == "TiedHeadLoss" and tied_epochs == 1 and not tied_head
+    assert torch.equal(repair_on, split["retain"]) and repair_loss == "NoneType" and repair_epochs == 2 and repair_head
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert not any("lora_" in name for name, _ in model.named_parameters())  # merged
+    assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
+
+
+def test_repair_epochs_without_the_tied_head_is_a_one_line_error():
+    with pytest.raises(UserError, match="--repair-epochs 2 trains after --tie-head 1"):
+        deep.check_args(prunelora_args(repair_epochs=2), ["prunelora"])
 
 
 def test_push_without_forget_classes_is_a_one_line_error(synthetic_dataset, base_checkpoint, tmp_path):

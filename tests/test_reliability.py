@@ -495,6 +495,8 @@ MISTAKES = {
                                          "leave out --tie-head"),
     "unlearn-deep-without-prunelora": (U, "{data} --arch cnn --base {base} --forget-class 1 --deep 1 --method lora",
                                        "--deep 1 changes prunelora only"),
+    "unlearn-repair-without-tie-head": (U, "{data} --arch cnn --base {base} --forget-class 1 --repair-epochs 1",
+                                        "use it with --tie-head 1"),
     "unlearn-forget-share-forgets-nothing": (U, "{data} --arch cnn --base {base} --forget-share 0.001",
                                              "forgets no image"),
     "unlearn-forget-index-missing": (U, "{data} --arch cnn --base {base} --forget-index {tmp}/none.txt",
