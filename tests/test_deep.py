@@ -169,6 +169,16 @@ def test_repair_epochs_train_the_factors_and_the_fitted_head_on_the_retained_ima
     assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
 
 
+def test_the_run_s_eta_counts_the_forget_images_the_tie_trains_on_and_the_repair_epochs(class_1_task):
+    data, base, split = class_1_task
+    run = unlearn.Run(["prunelora"], data.train_images.device, data, [Task(0, {"complete": True}, None, split)],
+                      None, {})
+    work = lambda **changes: unlearn.planned_work(run, prunelora_args(**dict(epochs=[3], base_epochs=1, **changes)))
+    forget, retain = len(split["forget"]), len(split["retain"])
+    assert work(tie_head=1) - work() == 3 * forget                           # the tie: every training image
+    assert work(tie_head=1, repair_epochs=2) - work(tie_head=1) == 2 * retain  # the repair: the retained ones
+
+
 def test_repair_epochs_without_the_tied_head_is_a_one_line_error():
     with pytest.raises(UserError, match="--repair-epochs 2 trains after --tie-head 1"):
         deep.check_args(prunelora_args(repair_epochs=2), ["prunelora"])
