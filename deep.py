@@ -16,8 +16,8 @@ only the head. Each is an option of unlearn.py, off by default; depth.py measure
                       each forget image's target is its nearest retained class, so the forgetting has to happen
                       in the features (the fix of "An Illusion of Unlearning?", arXiv 2604.08271, for a head that
                       hides a class its features keep); then the head alone is fitted on the retained features
-    --repair-epochs N after --tie-head's epochs, N epochs of PruneLoRA's usual training (the factors and the fitted
-                      head, cross-entropy on the retained images): does the depth survive what RA asks for?
+    --repair-epochs N after --tie-head's epochs, the head fitted, N epochs more in which the retained images are
+                      scored by the head (cross-entropy: the head trains too) and the forget images stay tied
     --deep 1          the best combination measured so far: --tie-head 1 (RA within 1 point of Retrain on
                       Fashion-MNIST, 3.2 points under it on CIFAR-10: RESULTS.md)
     --salient-prune Q prune first the share Q of weights the forget images' loss leans on most
@@ -62,8 +62,8 @@ def add_args(group):
                        help="1: train the factors against the cosine to each class's running mean feature instead "
                        "of the head, the forget images toward their nearest retained class; then fit the head alone")
     group.add_argument("--repair-epochs", type=whole, default=0, metavar="N",
-                       help="with --tie-head 1: then N epochs of the usual training (factors and head, cross-entropy "
-                       "on the retained images), from the fitted head")
+                       help="with --tie-head 1: then N epochs more with the fitted head: the retained images through "
+                       "the head (cross-entropy), the forget images still tied to their nearest retained class")
     group.add_argument("--deep", type=int, choices=(0, 1), default=0,
                        help="1: the best combination for deeper forgetting measured so far, today "
                        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEEP.items()) + " (RESULTS.md)")
@@ -189,11 +189,13 @@ class TiedHeadLoss(HeadInputLoss):
     momentum * m_c + (1 - momentum) * the batch's normalised mean), the target of a retained image its
     class, of a forget image its nearest retained class by these scores. The forget classes keep their
     own means, so a forget image only scores as retained once its feature is nearer a retained class's
-    mean than its own class's. The head gets no gradient; fit_head() fits it afterwards."""
+    mean than its own class's. The head gets no gradient; fit_head() fits it afterwards. With
+    through_head set (--repair-epochs), the retained images are scored by the head's logits instead
+    (cross-entropy, the head trains) while the forget images stay tied."""
     SCALE = 10  # as ForgetFeatureLoss: cosines as logits
 
     def __init__(self, model, means, forget_classes, momentum=0.9):
-        self.means, self.momentum = means.clone(), momentum
+        self.means, self.momentum, self.through_head = means.clone(), momentum, False
         self.forget_classes = list(forget_classes)
         self.forget = torch.tensor(self.forget_classes, device=means.device)
         super().__init__(model)
@@ -205,7 +207,10 @@ class TiedHeadLoss(HeadInputLoss):
         targets = labels.clone()
         if is_forget.any():
             targets[is_forget] = scores.detach()[is_forget].index_fill(1, self.forget, float("-inf")).argmax(1)
-        loss = F.cross_entropy(scores, targets)
+        loss = F.cross_entropy(scores, targets, reduction="none")
+        if self.through_head:  # the repair: the retained images through the head, the forget ones still tied
+            loss = torch.where(is_forget, loss, F.cross_entropy(logits.float(), labels, reduction="none"))
+        loss = loss.mean()
         with torch.no_grad():  # each class seen in the batch moves its mean toward the batch's
             sums = torch.zeros_like(self.means).index_add_(0, labels, features.detach())
             seen = torch.bincount(labels, minlength=len(self.means)) > 0

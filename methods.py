@@ -66,13 +66,14 @@ def unlearn_prunelora(model, data, task, args):
     try:
         facts = finetune_on(model, train_data, train_on, args, task,  # 3. unlearn: the factors and the head train
                             loss_fn=loss_fn, lr=args.lora_lr, freeze_bn=args.freeze_bn)
+        if args.repair_epochs:  # then the fitted head scores the retained images; the forget images stay tied
+            deep.fit_head(model, data, task.split["retain"], args.seed)
+            loss_fn.through_head = True
+            finetune_on(model, train_data, train_on, args, task, loss_fn=loss_fn, lr=args.lora_lr,
+                        freeze_bn=args.freeze_bn, epochs=args.repair_epochs)
     finally:
         if isinstance(loss_fn, deep.HeadInputLoss):
             loss_fn.remove()
-    if args.repair_epochs:  # --tie-head's features, then the usual training: the fitted head and the factors
-        deep.fit_head(model, data, task.split["retain"], args.seed)
-        finetune_on(model, data, task.split["retain"], args, task, lr=args.lora_lr, freeze_bn=args.freeze_bn,
-                    epochs=args.repair_epochs)
     pl.merge_lora(model)                                      # 4. merge under the mask
     if args.tie_head and not args.repair_epochs:  # the head got no gradient: fitted now on the retained features
         deep.fit_head(model, data, task.split["retain"], args.seed)

@@ -88,8 +88,8 @@ def planned_work(run, args):
             images = {"retrain": 0, "hidden": 0, "ga": len(split["forget"]),
                       "rl": len(split["train"])}.get(method, len(split["retain"]))
             work += epochs * images + evaluate
-            if method == "prunelora" and args.tie_head:  # the forget images train too; then --repair-epochs
-                work += epochs * len(split["forget"]) + args.repair_epochs * len(split["retain"])
+            if method == "prunelora" and args.tie_head:  # the forget images train too, also in --repair-epochs
+                work += epochs * len(split["forget"]) + args.repair_epochs * len(split["train"])
             if method == "retrain":  # the base's schedule, without the forget set: what is left of it
                 done = retrain_run(run.data, task, args)[2] if task.ckpt else None
                 work += (base_epochs - (done or {}).get("epochs_done", 0)) * len(split["retain"])

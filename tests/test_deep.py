@@ -148,7 +148,7 @@ def test_prunelora_with_push_and_hold_trains_merges_sparse_and_leaves_no_hook(cl
 def test_repair_epochs_train_the_factors_and_the_fitted_head_on_the_retained_images_after_the_tie(class_1_task,
                                                                                                  monkeypatch):
     """--repair-epochs N: the tied phase (all training images, the tied loss, --epochs), the head fitted,
-    then N epochs of the usual loss on the retained images alone, which train the head too; merged as sparse."""
+    then N epochs in which the head scores the retained images and trains; merged as sparse."""
     data, base, split = class_1_task
     phases, real = [], methods.finetune_on
 
@@ -163,7 +163,8 @@ def test_repair_epochs_train_the_factors_and_the_fitted_head_on_the_retained_ima
                                     prunelora_args(tie_head=1, repair_epochs=2, epochs=1), data.train_images.device)
     (tied_on, tied_loss, tied_epochs, tied_head), (repair_on, repair_loss, repair_epochs, repair_head) = phases
     assert torch.equal(tied_on, split["train"]) and tied_loss == "TiedHeadLoss" and tied_epochs == 1 and not tied_head
-    assert torch.equal(repair_on, split["retain"]) and repair_loss == "NoneType" and repair_epochs == 2 and repair_head
+    assert torch.equal(repair_on, split["train"]) and repair_loss == "TiedHeadLoss" and repair_epochs == 2
+    assert repair_head  # the head trains in the repair
     assert not any(m._forward_pre_hooks for m in model.modules())
     assert not any("lora_" in name for name, _ in model.named_parameters())  # merged
     assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
@@ -176,7 +177,7 @@ def test_the_run_s_eta_counts_the_forget_images_the_tie_trains_on_and_the_repair
     work = lambda **changes: unlearn.planned_work(run, prunelora_args(**dict(epochs=[3], base_epochs=1, **changes)))
     forget, retain = len(split["forget"]), len(split["retain"])
     assert work(tie_head=1) - work() == 3 * forget                           # the tie: every training image
-    assert work(tie_head=1, repair_epochs=2) - work(tie_head=1) == 2 * retain  # the repair: the retained ones
+    assert work(tie_head=1, repair_epochs=2) - work(tie_head=1) == 2 * (retain + forget)  # the repair: all of them
 
 
 def test_repair_epochs_without_the_tied_head_is_a_one_line_error():
@@ -209,6 +210,11 @@ def test_tied_head_loss_scores_by_class_means_not_the_head_and_sends_forget_imag
     assert torch.allclose(loss.means[0], 0.9 * means[0] + 0.1 * batch_mean([0]))      # a running mean per class,
     assert torch.allclose(loss.means[3], 0.9 * means[3] + 0.1 * batch_mean([1, 2]))   # the forget class's too
     assert torch.equal(loss.means[1:3], means[1:3])                                    # classes not in the batch
+    loss.through_head, loss.means = True, means.clone()  # --repair-epochs: the retained image through the head
+    logits = torch.tensor([[0.5, 2.0, 0, 0], [9.0, 0, 0, 0], [9.0, 0, 0, 0]], requires_grad=True)
+    per_image = [F.cross_entropy(logits[0], torch.tensor(0)), F.cross_entropy(scores[1], torch.tensor(1)),
+                 F.cross_entropy(scores[2], torch.tensor(2))]                          # forget: still by the means
+    assert torch.allclose(loss(logits, labels), torch.stack(per_image).mean())
     loss.remove()
 
 
