@@ -145,8 +145,8 @@ def test_prunelora_with_push_and_hold_trains_merges_sparse_and_leaves_no_hook(cl
     assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
 
 
-def test_repair_epochs_train_the_factors_and_the_fitted_head_on_the_retained_images_after_the_tie(class_1_task,
-                                                                                                 monkeypatch):
+def test_repair_epochs_train_the_fitted_head_on_the_retained_images_with_the_forget_images_still_tied(class_1_task,
+                                                                                                    monkeypatch):
     """--repair-epochs N: the tied phase (all training images, the tied loss, --epochs), the head fitted,
     then N epochs in which the head scores the retained images and trains; merged as sparse."""
     data, base, split = class_1_task
