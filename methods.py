@@ -75,7 +75,9 @@ def unlearn_prunelora(model, data, task, args):
         if isinstance(loss_fn, deep.HeadInputLoss):
             loss_fn.remove()
     pl.merge_lora(model)                                      # 4. merge under the mask
-    if args.tie_head and not args.repair_epochs:  # the head got no gradient: fitted now on the retained features
+    # the head got no gradient: fitted now on the merged model's retained features (the repair fitted it before
+    # the merge, as its factors train after; here it stays after, where the measured --tie-head runs fitted it)
+    if args.tie_head and not args.repair_epochs:
         deep.fit_head(model, data, task.split["retain"], args.seed)
     return model, facts
 
