@@ -10,7 +10,7 @@ only the head. Each is an option of unlearn.py, off by default; depth.py measure
     --hold M          + M * mean(1 - cos(f(x), p_y)) over the retained images (x, y): they stay at their
                       own class's base prototype while the forget images move (no extra forward pass)
     --project-start K the factors start at the rank-K edit dW = -(M * W) Q Q^T, Q the input directions the
-                      forget images use and the retained images do not (generalised eigenvectors)
+                      forget images use and the retained images do not (generalised eigenvectors; projection.py)
     --tie-head 1      while the factors train, the head is not used: every image is classified by 10 * cos(f(x),
                       m_c), m_c a running mean of class c's normalised features (the forget classes' too), and
                       each forget image's target is its nearest retained class, so the forgetting has to happen
@@ -18,6 +18,9 @@ only the head. Each is an option of unlearn.py, off by default; depth.py measure
                       hides a class its features keep); then the head alone is fitted on the retained features
     --repair-epochs N after --tie-head's epochs, the head fitted, N epochs more in which the retained images are
                       scored by the head (cross-entropy: the head trains too) and the forget images stay tied
+    --tie-spread 1    with --tie-head 1, each batch's forget images are spread evenly over the retained classes
+                      (in order of score, each takes its best class with room left), not each to its nearest: sent to
+                      their nearest, they may gather in one neighbour's region, which a linear probe can tell apart
     --deep 1          the best combination measured so far: --tie-head 1 (RA within 1 point of Retrain on
                       Fashion-MNIST, 3.2 points under it on CIFAR-10, 0.7 with --epochs 1 --repair-epochs 4)
     --salient-prune Q prune first the share Q of weights the forget images' loss leans on most
@@ -25,7 +28,6 @@ only the head. Each is an option of unlearn.py, off by default; depth.py measure
 """
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import distributed
 import prunelora as pl
@@ -40,7 +42,7 @@ from models import HEAD
 # setting meets them yet (RESULTS: the RA-depth frontier), and this one costs 3.2 points of RA there: not the default.
 DEEP = dict(tie_head=1)
 OPTIONS = (("--push", "push"), ("--hold", "hold"), ("--project-start", "project_start"), ("--tie-head", "tie_head"),
-           ("--repair-epochs", "repair_epochs"), ("--salient-prune", "salient_prune"),
+           ("--repair-epochs", "repair_epochs"), ("--tie-spread", "tie_spread"), ("--salient-prune", "salient_prune"),
            ("--relabel-forget", "relabel_forget"))
 
 non_negative = number(float, "a number >= 0", lambda v: v >= 0 and v < float("inf"))
@@ -63,6 +65,9 @@ def add_args(group):
     group.add_argument("--repair-epochs", type=whole, default=0, metavar="N",
                        help="with --tie-head 1: then N epochs more with the fitted head: the retained images through "
                        "the head (cross-entropy), the forget images still tied to their nearest retained class")
+    group.add_argument("--tie-spread", type=int, choices=(0, 1), default=0,
+                       help="1: with --tie-head 1, spread each batch's forget images evenly over the retained classes "
+                       "(a balanced assignment) instead of sending each to its nearest")
     group.add_argument("--deep", type=int, choices=(0, 1), default=0,
                        help="1: the best combination for deeper forgetting measured so far, today "
                        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEEP.items()) + " (RESULTS.md)")
@@ -99,6 +104,8 @@ def check_args(args, methods):
         raise UserError(f"{tie} keeps its class means in one process; run it without torchrun")
     if args.repair_epochs and not args.tie_head:
         raise UserError(f"--repair-epochs {args.repair_epochs} trains after --tie-head 1; use it with --tie-head 1")
+    if args.tie_spread and not args.tie_head:
+        raise UserError("--tie-spread 1 spreads the targets of --tie-head 1; use it with --tie-head 1")
     if args.project_start > args.rank:
         raise UserError(f"--project-start {args.project_start} is above --rank {args.rank}; allowed: 0 to {args.rank}")
     used = ["--deep 1"] if args.deep else [flag for flag, key in OPTIONS if getattr(args, key)]  # as written
@@ -190,11 +197,12 @@ class TiedHeadLoss(HeadInputLoss):
     own means, so a forget image only scores as retained once its feature is nearer a retained class's
     mean than its own class's. The head gets no gradient; fit_head() fits it afterwards. With
     through_head set (--repair-epochs), the retained images are scored by the head's logits instead
-    (cross-entropy, the head trains) while the forget images stay tied."""
+    (cross-entropy, the head trains) while the forget images stay tied. With spread (--tie-spread), the
+    forget images of a batch go to the retained classes in equal numbers (balanced_assignment)."""
     SCALE = 10  # as ForgetFeatureLoss: cosines as logits
 
-    def __init__(self, model, means, forget_classes, momentum=0.9):
-        self.means, self.momentum, self.through_head = means.clone(), momentum, False
+    def __init__(self, model, means, forget_classes, momentum=0.9, spread=False):
+        self.means, self.momentum, self.through_head, self.spread = means.clone(), momentum, False, spread
         self.forget_classes = list(forget_classes)
         self.forget = torch.tensor(self.forget_classes, device=means.device)
         super().__init__(model)
@@ -205,7 +213,8 @@ class TiedHeadLoss(HeadInputLoss):
         is_forget = forget_mask(labels, self.forget_classes)
         targets = labels.clone()
         if is_forget.any():
-            targets[is_forget] = scores.detach()[is_forget].index_fill(1, self.forget, float("-inf")).argmax(1)
+            nearest = scores.detach()[is_forget].index_fill(1, self.forget, float("-inf"))
+            targets[is_forget] = balanced_assignment(nearest) if self.spread else nearest.argmax(1)
         loss = F.cross_entropy(scores, targets, reduction="none")
         if self.through_head:  # the repair: the retained images through the head, the forget ones still tied
             loss = torch.where(is_forget, loss, F.cross_entropy(logits.float(), labels, reduction="none"))
@@ -217,11 +226,28 @@ class TiedHeadLoss(HeadInputLoss):
         return loss
 
 
-def tied_head_loss(model, data, split, forget_classes, seed=0):
+def balanced_assignment(scores):
+    """(n,) a column for each row of scores (n, k), no column taken more than ceil(n / usable columns) times:
+    greedy, in order of score, each row takes its best column that still has room. A row keeps its best
+    column unless rows that score it higher have filled it; columns scored -inf are never taken. An exact
+    equipartition, as SwAV's (arXiv 2006.09882) Sinkhorn-Knopp plan approximates it: one host loop over
+    n * k entries, a few hundred for a batch's forget images."""
+    n, k = scores.shape
+    usable = torch.isfinite(scores).all(0).tolist()
+    room = [-(-n // max(sum(usable), 1)) if ok else 0 for ok in usable]
+    target = [-1] * n
+    for flat in scores.flatten().argsort(descending=True).tolist():
+        row, column = divmod(flat, k)
+        if target[row] < 0 and room[column] > 0:
+            target[row], room[column] = column, room[column] - 1
+    return torch.tensor(target, device=scores.device)
+
+
+def tied_head_loss(model, data, split, forget_classes, seed=0, spread=False):
     """--tie-head's loss for this model (the base: the means start at its class prototypes)."""
     means = class_prototypes(model, data, split["train"].to(data.train_labels.device), range(data.num_classes),
                              seed=seed)
-    return TiedHeadLoss(model, means, forget_classes)
+    return TiedHeadLoss(model, means, forget_classes, spread=spread)
 
 
 def fit_head(model, data, index, seed, epochs=10, batch_size=512, lr=1e-2):
@@ -244,83 +270,6 @@ def fit_head(model, data, index, seed, epochs=10, batch_size=512, lr=1e-2):
             loss.backward()
             optimizer.step()
             step += 1
-
-# -----------------------------------------------------------------------------
-# --project-start: a closed-form start for the factors
-
-
-def forget_directions(forget_cov, retain_cov, k, eps=1e-3):
-    """(d, k) orthonormal: the span of the top-k generalised eigenvectors of F v = mu (R + eps I) v, the
-    input directions with the most forget energy per unit of retained energy (Kodge et al., arXiv
-    2312.00761, build such subspaces from SVDs of the two activation sets). eps is relative to R's mean
-    eigenvalue, so that directions no retained input uses score high but finite."""
-    d = retain_cov.shape[0]
-    ridge = eps * float(retain_cov.trace()) / d + 1e-12
-    lower = torch.linalg.cholesky(retain_cov + ridge * torch.eye(d, dtype=retain_cov.dtype))
-    whitened = torch.linalg.solve_triangular(lower, torch.linalg.solve_triangular(lower, forget_cov, upper=False).T,
-                                             upper=False)  # L^-1 F L^-T, symmetric
-    _, vectors = torch.linalg.eigh((whitened + whitened.T) / 2)  # ascending
-    directions = torch.linalg.solve_triangular(lower.T, vectors[:, -k:], upper=True)  # back to input space
-    return torch.linalg.qr(directions).Q
-
-
-def _patches(module, x):
-    """A layer's inputs as rows (n, d) in its weight's (out, d) layout: im2col patches for a conv."""
-    if isinstance(module, nn.Conv2d):
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (N, d, L)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.reshape(-1, x.shape[-1])
-
-
-@torch.no_grad()
-def input_covariances(model, layers, data, index, batch_size=200):
-    """{name: (d, d) mean outer product of the layer's inputs} over data.train_images[index], eval mode."""
-    sums, counts, handles = {}, {}, []
-
-    def hook(name):
-        def grab(module, inputs):
-            rows = _patches(module, inputs[0].float()).double()
-            sums[name] = sums.get(name, 0) + rows.T @ rows
-            counts[name] = counts.get(name, 0) + len(rows)
-        return grab
-    for name, module in layers.items():
-        handles.append(module.register_forward_pre_hook(hook(name)))
-    try:
-        predict(model, data, data.train_images[index], batch_size=batch_size)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: (sums[name] / counts[name]).cpu() for name in sums}  # a layer its parent reads: never called
-
-
-@torch.no_grad()
-def projection_start(model, data, split, k, images=600, seed=0):
-    """Start the factors of every adapted Conv2d (groups 1) and Linear at the rank-k edit that takes out
-    of the layer's input the directions the forget images use and the retained images do not:
-    B A = -(M * W) Q Q^T / s, i.e. A[:k] = Q^T, B[:, :k] = -(M * W) Q / s, the other k..r slots as
-    add_lora left them (B = 0). Call after add_lora; needs k <= r. The mask applies to the edit too,
-    so M * (W + s B A) removes those directions only up to the pruned entries. Other adapted weights
-    (grouped convs, attention projections) keep B = 0. Inputs from up to `images` forget and retained
-    training images each, drawn with seed. Returns the names of the weights started this way."""
-    layers = {}
-    for name, module, tensor in pl.prunable(model, HEAD):
-        p = pl._parametrization(module, tensor)
-        if p is not None and p.lora_A is not None and tensor == "weight" and getattr(module, "groups", 1) == 1:
-            if k > p.lora_A.shape[0]:
-                raise ValueError(f"projection start rank {k} is above the LoRA rank {p.lora_A.shape[0]}")
-            layers[name.removesuffix(".weight")] = (module, p)
-    generator = torch.Generator().manual_seed(seed)
-    draw = lambda index: index[torch.randperm(len(index), generator=generator)[:images]].to(data.train_labels.device)
-    modules = {name: module for name, (module, _) in layers.items()}
-    forget = input_covariances(model, modules, data, draw(split["forget"]))
-    retain = input_covariances(model, modules, data, draw(split["retain"]))
-    layers = {name: layer for name, layer in layers.items() if name in forget and name in retain}
-    for name, (module, p) in layers.items():
-        q = forget_directions(forget[name], retain[name], k).to(p.lora_A)   # (d, k)
-        weight = module.weight.reshape(len(p.lora_B), -1)                   # M * W, as B = 0 still
-        p.lora_A[:k] = q.T
-        p.lora_B[:, :k] = -(weight @ q) / p.scaling
-    return list(layers)
 
 # -----------------------------------------------------------------------------
 # --salient-prune, --relabel-forget

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import deep
+import projection
 import prunelora as pl
 from checkpoints import default_checkpoint, load_checkpoint
 from cli import UserError
@@ -56,13 +57,13 @@ def unlearn_prunelora(model, data, task, args):
         loss_fn = deep.forget_feature_loss(model, data, task.split, args.forget_class, args)
         train_on = task.split["train"]
     if args.tie_head:  # the forget images too, classified by class means of the features, not by the head
-        loss_fn = deep.tied_head_loss(model, data, task.split, args.forget_class, args.seed)
+        loss_fn = deep.tied_head_loss(model, data, task.split, args.forget_class, args.seed, args.tie_spread)
         train_on = task.split["train"]
     if args.salient_prune:  # before the head's forget rows are reset: the saliency is the base model's
         deep.prune_forget_salient(model, data, task.split["forget"], args)
     prepare_prunelora(model, args)                            # 0-2. reset the forget rows, prune, adapt
     if args.project_start:
-        deep.projection_start(model, data, task.split, args.project_start, seed=args.seed)
+        projection.projection_start(model, data, task.split, args.project_start, seed=args.seed)
     try:
         facts = finetune_on(model, train_data, train_on, args, task,  # 3. unlearn: the factors and the head train
                             loss_fn=loss_fn, lr=args.lora_lr, freeze_bn=args.freeze_bn)

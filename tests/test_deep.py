@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import deep
 import methods
+import projection
 import prunelora as pl
 import unlearn
 from cli import UserError
@@ -31,8 +32,8 @@ def base_model(base, data):
 def prunelora_args(**changes):
     return argparse.Namespace(**dict(dict(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lr=1e-3, lora_lr=3e-3,
                                           reset_head=1, depth=False, freeze_bn=1, salient_prune=0.0, relabel_forget=0,
-                                          push=0.0, hold=0.0, tie_head=0, repair_epochs=0, deep=0, project_start=0,
-                                          epochs=1, batch_size=32, seed=0, arch="cnn"), **changes))
+                                          push=0.0, hold=0.0, tie_head=0, repair_epochs=0, tie_spread=0, deep=0,
+                                          project_start=0, epochs=1, batch_size=32, seed=0, arch="cnn"), **changes))
 
 # -----------------------------------------------------------------------------
 # --project-start
@@ -45,9 +46,9 @@ def test_forget_directions_find_a_direction_only_the_forget_inputs_use():
     retain = torch.randn(500, d, generator=generator, dtype=torch.float64)
     retain -= (retain @ planted)[:, None] * planted                        # no retained input along it
     forget = torch.randn(200, d, generator=generator, dtype=torch.float64) + 3 * planted
-    q = deep.forget_directions(forget.T @ forget / 200, retain.T @ retain / 500, k=1)
+    q = projection.forget_directions(forget.T @ forget / 200, retain.T @ retain / 500, k=1)
     assert q.shape == (d, 1) and abs(float(q[:, 0] @ planted)) > 0.999
-    q3 = deep.forget_directions(forget.T @ forget / 200, retain.T @ retain / 500, k=3)
+    q3 = projection.forget_directions(forget.T @ forget / 200, retain.T @ retain / 500, k=3)
     assert torch.allclose(q3.T @ q3, torch.eye(3, dtype=torch.float64), atol=1e-10)  # orthonormal
 
 
@@ -58,7 +59,7 @@ def test_projection_start_is_a_rank_k_edit_that_removes_its_directions_and_keeps
     pl.prune_global(model, amount, exclude=("head",))
     pl.add_lora(model, r=4, alpha=8, exclude=("head",))
     before = {name: getattr(m, t).detach().clone() for name, m, t in pl.prunable(model, ("head",))}
-    started = deep.projection_start(model, data, split, k=2)
+    started = projection.projection_start(model, data, split, k=2)
     assert started == [name.removesuffix(".weight") for name in before]  # every conv and Linear of the cnn
     for name, m, t in pl.prunable(model, ("head",)):
         p = m.parametrizations[t][0]
@@ -218,10 +219,46 @@ def test_tied_head_loss_scores_by_class_means_not_the_head_and_sends_forget_imag
     loss.remove()
 
 
-def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leaves_no_hook(class_1_task):
+def test_balanced_assignment_spreads_rows_that_all_prefer_one_column_and_keeps_rows_that_do_not():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.rand(18, 4, generator=generator)
+    scores[:, 0] += 5                                   # every row's best column is 0
+    scores[:, 3] = float("-inf")                        # a forget class: never a target
+    spread = deep.balanced_assignment(scores)
+    assert torch.equal(scores.argmax(1), torch.zeros(18, dtype=torch.long))
+    assert torch.bincount(spread, minlength=4).tolist() == [6, 6, 6, 0]
+    distinct = torch.eye(4)[:, :3] * 5 + 0.1 * torch.rand(4, 3, generator=generator)  # rows 0-2 differ; row 3: tie
+    assert torch.equal(deep.balanced_assignment(distinct[:3]), torch.arange(3))    # nothing over-subscribed: kept
+    assert torch.equal(deep.balanced_assignment(scores[:1]), torch.tensor([0]))   # one row: its nearest
+
+
+def test_tied_head_loss_with_spread_sends_the_forget_images_of_a_batch_to_every_retained_class():
+    means = F.normalize(torch.eye(4)[:, :3] + 0.1, dim=1)  # class 3 is forgotten
+    features = torch.tensor([[0.2, 1, 0.1], [0.1, 1, 0.2], [0.3, 1, 0], [0, 1, 0.3], [0.2, 1, 0.2], [0.1, 1, 0]])
+    labels = torch.full((6,), 3)
+    losses = {}
+    for spread in (False, True):
+        loss = deep.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], spread=spread)
+        loss.features = features
+        scores = 10 * F.normalize(features, dim=1) @ means.T
+        targets = deep.balanced_assignment(scores.index_fill(1, torch.tensor([3]), float("-inf"))) if spread else \
+            torch.ones(6, dtype=torch.long)                 # all nearest to class 1
+        losses[spread] = loss(torch.zeros(6, 4), labels)
+        assert torch.allclose(losses[spread], F.cross_entropy(scores, targets))
+        loss.remove()
+    assert torch.bincount(targets, minlength=4).tolist() == [2, 2, 2, 0] and losses[True] > losses[False]
+
+
+def test_tie_spread_without_the_tied_head_is_a_one_line_error():
+    with pytest.raises(UserError, match="--tie-spread 1 spreads the targets of --tie-head 1"):
+        deep.check_args(prunelora_args(tie_spread=1), ["prunelora"])
+
+
+@pytest.mark.parametrize("spread", [0, 1])
+def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leaves_no_hook(spread, class_1_task):
     data, base, split = class_1_task
-    model, row = unlearn.run_method("prunelora", Task(0, base, None, split), data, prunelora_args(tie_head=1, epochs=2),
-                                    data.train_images.device)
+    model, row = unlearn.run_method("prunelora", Task(0, base, None, split), data,
+                                    prunelora_args(tie_head=1, tie_spread=spread, epochs=2), data.train_images.device)
     assert not any(m._forward_pre_hooks for m in model.modules())
     assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
 
