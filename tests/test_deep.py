@@ -32,8 +32,9 @@ def base_model(base, data):
 def prunelora_args(**changes):
     return argparse.Namespace(**dict(dict(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lr=1e-3, lora_lr=3e-3,
                                           reset_head=1, depth=False, freeze_bn=1, salient_prune=0.0, relabel_forget=0,
-                                          push=0.0, hold=0.0, tie_head=0, repair_epochs=0, tie_spread=0, deep=0,
-                                          project_start=0, epochs=1, batch_size=32, seed=0, arch="cnn"), **changes))
+                                          push=0.0, hold=0.0, tie_head=0, repair_epochs=0, tie_spread=0, tie_match=0.0,
+                                          deep=0, project_start=0, epochs=1, batch_size=32, seed=0, arch="cnn"),
+                                     **changes))
 
 # -----------------------------------------------------------------------------
 # --project-start
@@ -249,16 +250,41 @@ def test_tied_head_loss_with_spread_sends_the_forget_images_of_a_batch_to_every_
     assert torch.bincount(targets, minlength=4).tolist() == [2, 2, 2, 0] and losses[True] > losses[False]
 
 
+def test_tie_match_adds_the_relative_gap_between_the_forget_and_retained_mean_features_and_moves_only_the_forget():
+    means = F.normalize(torch.eye(4)[:, :3] + 0.1, dim=1)  # class 3 is forgotten
+    labels = torch.tensor([0, 1, 2, 3, 3])
+    features = torch.tensor([[1., 0, 0], [0, 1, 0], [0, 0, 1], [2, 2, 0], [0, 2, 2]], requires_grad=True)
+    plain, matched = (deep.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], match=match) for match in (0.0, 0.5))
+    plain.features, matched.features = features, features
+    gap = matched(torch.zeros(5, 4), labels) - plain(torch.zeros(5, 4), labels)
+    retained, forget = torch.full((3,), 1 / 3), torch.tensor([1., 2, 1])         # the two classes' mean features
+    assert torch.allclose(gap, 0.5 * (forget - retained).square().sum() / retained.square().sum())
+    gap.backward()
+    assert features.grad[:3].abs().max() == 0 and features.grad[3:].abs().max() > 0  # the retained mean is held
+    # the next batch's forget mean enters at (1 - momentum): a batch at the retained mean closes 10 % of the gap
+    matched.features = torch.tensor([[1., 0, 0], [0, 1, 0], [0, 0, 1], [1 / 3, 1 / 3, 1 / 3], [1 / 3, 1 / 3, 1 / 3]])
+    plain.features = matched.features
+    second = matched(torch.zeros(5, 4), labels) - plain(torch.zeros(5, 4), labels)
+    assert torch.allclose(second, 0.5 * (0.9 * (forget - retained)).square().sum() / retained.square().sum())
+    plain.remove(), matched.remove()
+
+
+def test_tie_match_without_the_tied_head_is_a_one_line_error():
+    with pytest.raises(UserError, match="--tie-match 0.5 adds to the loss of --tie-head 1"):
+        deep.check_args(prunelora_args(tie_match=0.5), ["prunelora"])
+
+
 def test_tie_spread_without_the_tied_head_is_a_one_line_error():
     with pytest.raises(UserError, match="--tie-spread 1 spreads the targets of --tie-head 1"):
         deep.check_args(prunelora_args(tie_spread=1), ["prunelora"])
 
 
-@pytest.mark.parametrize("spread", [0, 1])
-def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leaves_no_hook(spread, class_1_task):
+@pytest.mark.parametrize("spread,match", [(0, 0.0), (1, 1.0)])
+def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leaves_no_hook(spread, match, class_1_task):
     data, base, split = class_1_task
     model, row = unlearn.run_method("prunelora", Task(0, base, None, split), data,
-                                    prunelora_args(tie_head=1, tie_spread=spread, epochs=2), data.train_images.device)
+                                    prunelora_args(tie_head=1, tie_spread=spread, tie_match=match, epochs=2),
+                                    data.train_images.device)
     assert not any(m._forward_pre_hooks for m in model.modules())
     assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
 
