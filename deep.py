@@ -26,6 +26,9 @@ only the head. Each is an option of unlearn.py, off by default; depth.py measure
                       images' (held): with equal class-conditional means no linear probe beats a constant (LEACE, arXiv
                       2306.03819), so the forget class cannot stay linearly decodable where the NCM readout says gone
                       (measured, Fashion-MNIST seed 0: W = 1 barely moved the probe, W = 10 wrecked RA; RESULTS.md)
+    --tie-norm W      with --tie-head 1, + W * mean over forget images of (|f(x)| / n_r - 1)^2 on the raw features,
+                      n_r the batch's mean retained norm (held): the tie scores cosines only, and spread forget images
+                      shrank to a fifth of a retained image's norm, a place a linear probe can find (RESULTS.md)
     --deep 1          the best combination measured so far: --tie-head 1 (RA within 1 point of Retrain on
                       Fashion-MNIST, 3.2 points under it on CIFAR-10, 0.7 with --epochs 1 --repair-epochs 4)
     --salient-prune Q prune first the share Q of weights the forget images' loss leans on most
@@ -48,6 +51,7 @@ from models import HEAD
 DEEP = dict(tie_head=1)
 OPTIONS = (("--push", "push"), ("--hold", "hold"), ("--project-start", "project_start"), ("--tie-head", "tie_head"),
            ("--repair-epochs", "repair_epochs"), ("--tie-spread", "tie_spread"), ("--tie-match", "tie_match"),
+           ("--tie-norm", "tie_norm"),
            ("--salient-prune", "salient_prune"), ("--relabel-forget", "relabel_forget"))
 
 non_negative = number(float, "a number >= 0", lambda v: v >= 0 and v < float("inf"))
@@ -77,6 +81,9 @@ def add_args(group):
                        help="with --tie-head 1: weight W of a term that brings the mean raw feature of the forget "
                        "images to the retained images' mean, which leaves a linear probe nothing to read "
                        "(W = 10 wrecked RA on Fashion-MNIST: RESULTS.md)")
+    group.add_argument("--tie-norm", type=non_negative, default=0.0, metavar="W",
+                       help="with --tie-head 1: weight W of a term that keeps each forget image's feature norm at "
+                       "the retained images' mean norm (the tie scores cosines only, and spread images shrank)")
     group.add_argument("--deep", type=int, choices=(0, 1), default=0,
                        help="1: the best combination for deeper forgetting measured so far, today "
                        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEEP.items()) + " (RESULTS.md)")
@@ -111,12 +118,11 @@ def check_args(args, methods):
                         "use one or the other")
     if args.tie_head and distributed.world_size() > 1:
         raise UserError(f"{tie} keeps its class means in one process; run it without torchrun")
-    if args.repair_epochs and not args.tie_head:
-        raise UserError(f"--repair-epochs {args.repair_epochs} trains after --tie-head 1; use it with --tie-head 1")
-    if args.tie_spread and not args.tie_head:
-        raise UserError("--tie-spread 1 spreads the targets of --tie-head 1; use it with --tie-head 1")
-    if args.tie_match and not args.tie_head:
-        raise UserError(f"--tie-match {args.tie_match} adds to the loss of --tie-head 1; use it with --tie-head 1")
+    for flag, key, what in (("--repair-epochs", "repair_epochs", "trains after"), ("--tie-spread", "tie_spread",
+                            "spreads the targets of"), ("--tie-match", "tie_match", "adds to the loss of"),
+                            ("--tie-norm", "tie_norm", "adds to the loss of")):
+        if getattr(args, key) and not args.tie_head:
+            raise UserError(f"{flag} {getattr(args, key)} {what} --tie-head 1; use it with --tie-head 1")
     if args.project_start > args.rank:
         raise UserError(f"--project-start {args.project_start} is above --rank {args.rank}; allowed: 0 to {args.rank}")
     used = ["--deep 1"] if args.deep else [flag for flag, key in OPTIONS if getattr(args, key)]  # as written
@@ -212,12 +218,14 @@ class TiedHeadLoss(HeadInputLoss):
     forget images of a batch go to the retained classes in equal numbers (balanced_assignment). With
     match W (--tie-match), + W * |mu_f - mu_r|^2 / |mu_r|^2 on the raw features, mu_r the batch's
     retained mean (held), mu_f = momentum * the last mu_f + (1 - momentum) * the batch's forget mean:
-    the batch's few forget images alone would give a noisy gap whose square also pulls them together."""
+    the batch's few forget images alone would give a noisy gap whose square also pulls them together.
+    With norm W (--tie-norm), + W * the mean of (|f(x)| / n_r - 1)^2 over the forget images, n_r the
+    batch's mean retained feature norm (held): each forget image keeps a retained image's norm."""
     SCALE = 10  # as ForgetFeatureLoss: cosines as logits
 
-    def __init__(self, model, means, forget_classes, momentum=0.9, spread=False, match=0.0):
+    def __init__(self, model, means, forget_classes, momentum=0.9, spread=False, match=0.0, norm=0.0):
         self.means, self.momentum, self.through_head, self.spread = means.clone(), momentum, False, spread
-        self.match, self.forget_mean = match, None  # the running mu_f, detached between steps
+        self.match, self.norm, self.forget_mean = match, norm, None  # the running mu_f, detached between steps
         self.forget_classes = list(forget_classes)
         self.forget = torch.tensor(self.forget_classes, device=means.device)
         super().__init__(model)
@@ -236,6 +244,9 @@ class TiedHeadLoss(HeadInputLoss):
         loss = loss.mean()
         if self.match and is_forget.any() and not is_forget.all():
             loss = loss + self.match * self._mean_gap(self.features.float(), is_forget)
+        if self.norm and is_forget.any() and not is_forget.all():
+            norms = self.features.float().norm(dim=1)
+            loss = loss + self.norm * (norms[is_forget] / norms[~is_forget].mean().detach() - 1).square().mean()
         with torch.no_grad():  # each class seen in the batch moves its mean toward the batch's
             sums = torch.zeros_like(self.means).index_add_(0, labels, features.detach())
             seen = torch.bincount(labels, minlength=len(self.means)) > 0
@@ -268,11 +279,11 @@ def balanced_assignment(scores):
     return torch.tensor(target, device=scores.device)
 
 
-def tied_head_loss(model, data, split, forget_classes, seed=0, spread=False, match=0.0):
+def tied_head_loss(model, data, split, forget_classes, seed=0, spread=False, match=0.0, norm=0.0):
     """--tie-head's loss for this model (the base: the means start at its class prototypes)."""
     means = class_prototypes(model, data, split["train"].to(data.train_labels.device), range(data.num_classes),
                              seed=seed)
-    return TiedHeadLoss(model, means, forget_classes, spread=spread, match=match)
+    return TiedHeadLoss(model, means, forget_classes, spread=spread, match=match, norm=norm)
 
 
 def fit_head(model, data, index, seed, epochs=10, batch_size=512, lr=1e-2):

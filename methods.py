@@ -58,7 +58,7 @@ def unlearn_prunelora(model, data, task, args):
         train_on = task.split["train"]
     if args.tie_head:  # the forget images too, classified by class means of the features, not by the head
         loss_fn = deep.tied_head_loss(model, data, task.split, args.forget_class, args.seed, args.tie_spread,
-                                       args.tie_match)
+                                       args.tie_match, args.tie_norm)
         train_on = task.split["train"]
     if args.salient_prune:  # before the head's forget rows are reset: the saliency is the base model's
         deep.prune_forget_salient(model, data, task.split["forget"], args)

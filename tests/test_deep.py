@@ -33,7 +33,7 @@ def prunelora_args(**changes):
     return argparse.Namespace(**dict(dict(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lr=1e-3, lora_lr=3e-3,
                                           reset_head=1, depth=False, freeze_bn=1, salient_prune=0.0, relabel_forget=0,
                                           push=0.0, hold=0.0, tie_head=0, repair_epochs=0, tie_spread=0, tie_match=0.0,
-                                          deep=0, project_start=0, epochs=1, batch_size=32, seed=0, arch="cnn"),
+                                          tie_norm=0.0, deep=0, project_start=0, epochs=1, batch_size=32, seed=0, arch="cnn"),
                                      **changes))
 
 # -----------------------------------------------------------------------------
@@ -269,6 +269,24 @@ def test_tie_match_adds_the_relative_gap_between_the_forget_and_retained_mean_fe
     plain.remove(), matched.remove()
 
 
+def test_tie_norm_adds_each_forget_image_s_squared_relative_norm_gap_and_holds_the_retained_norm():
+    means = F.normalize(torch.eye(4)[:, :3] + 0.1, dim=1)  # class 3 is forgotten
+    labels = torch.tensor([0, 1, 2, 3, 3])
+    # retained norms 1, 2, 3 (mean 2); forget norms 1 and 4: relative gaps -0.5 and +1
+    features = torch.tensor([[1., 0, 0], [0, 2, 0], [0, 0, 3], [1, 0, 0], [0, 0, 4]], requires_grad=True)
+    plain, normed = (deep.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], norm=norm) for norm in (0.0, 2.0))
+    plain.features, normed.features = features, features
+    gap = normed(torch.zeros(5, 4), labels) - plain(torch.zeros(5, 4), labels)
+    assert torch.allclose(gap, torch.tensor(2.0 * (0.25 + 1.0) / 2))
+    gap.backward()
+    assert features.grad[:3].abs().max() == 0                               # the retained norm is held
+    assert features.grad[3, 0] < 0 and features.grad[4, 2] > 0              # descent lengthens 1, shortens 4
+    # a forget image at the retained mean norm, in any direction, adds nothing
+    normed.features = plain.features = torch.tensor([[1., 0, 0], [0, 2, 0], [0, 0, 3], [0, 2, 0], [1.2, 1.6, 0]])
+    assert torch.allclose(normed(torch.zeros(5, 4), labels), plain(torch.zeros(5, 4), labels))
+    plain.remove(), normed.remove()
+
+
 def test_tie_match_without_the_tied_head_is_a_one_line_error():
     with pytest.raises(UserError, match="--tie-match 0.5 adds to the loss of --tie-head 1"):
         deep.check_args(prunelora_args(tie_match=0.5), ["prunelora"])
@@ -279,11 +297,13 @@ def test_tie_spread_without_the_tied_head_is_a_one_line_error():
         deep.check_args(prunelora_args(tie_spread=1), ["prunelora"])
 
 
-@pytest.mark.parametrize("spread,match", [(0, 0.0), (1, 1.0)])
-def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leaves_no_hook(spread, match, class_1_task):
+@pytest.mark.parametrize("spread,match,norm", [(0, 0.0, 0.0), (1, 1.0, 1.0)])
+def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leaves_no_hook(spread, match, norm,
+                                                                                          class_1_task):
     data, base, split = class_1_task
     model, row = unlearn.run_method("prunelora", Task(0, base, None, split), data,
-                                    prunelora_args(tie_head=1, tie_spread=spread, tie_match=match, epochs=2),
+                                    prunelora_args(tie_head=1, tie_spread=spread, tie_match=match, tie_norm=norm,
+                                                   epochs=2),
                                     data.train_images.device)
     assert not any(m._forward_pre_hooks for m in model.modules())
     assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80

@@ -501,6 +501,8 @@ MISTAKES = {
                                         "use it with --tie-head 1"),
     "unlearn-match-without-tie-head": (U, "{data} --arch cnn --base {base} --forget-class 1 --tie-match 1",
                                        "use it with --tie-head 1"),
+    "unlearn-norm-without-tie-head": (U, "{data} --arch cnn --base {base} --forget-class 1 --tie-norm 1",
+                                      "use it with --tie-head 1"),
     "unlearn-forget-share-forgets-nothing": (U, "{data} --arch cnn --base {base} --forget-share 0.001",
                                              "forgets no image"),
     "unlearn-forget-index-missing": (U, "{data} --arch cnn --base {base} --forget-index {tmp}/none.txt",
