@@ -33,7 +33,8 @@ def prunelora_args(**changes):
     return argparse.Namespace(**dict(dict(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lr=1e-3, lora_lr=3e-3,
                                           reset_head=1, depth=False, freeze_bn=1, salient_prune=0.0, relabel_forget=0,
                                           push=0.0, hold=0.0, tie_head=0, repair_epochs=0, tie_spread=0, tie_match=0.0,
-                                          tie_norm=0.0, deep=0, project_start=0, epochs=1, batch_size=32, seed=0, arch="cnn"),
+                                          tie_norm=0.0, deep=0, project_start=0, epochs=1, batch_size=32, seed=0,
+                                          arch="cnn"),
                                      **changes))
 
 # -----------------------------------------------------------------------------
@@ -250,41 +251,44 @@ def test_tied_head_loss_with_spread_sends_the_forget_images_of_a_batch_to_every_
     assert torch.bincount(targets, minlength=4).tolist() == [2, 2, 2, 0] and losses[True] > losses[False]
 
 
+def term_added(**option):
+    """(features, labels) -> what the option adds to the tied head's loss on these head inputs, class 3 forgotten
+    (two losses on throwaway models, one without the option, called on the same features in turn)."""
+    means = F.normalize(torch.eye(4)[:, :3] + 0.1, dim=1)
+    plain, changed = (deep.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], **o) for o in ({}, option))
+
+    def added(features, labels):
+        plain.features = changed.features = features
+        return changed(torch.zeros(len(labels), 4), labels) - plain(torch.zeros(len(labels), 4), labels)
+    return added
+
+
 def test_tie_match_adds_the_relative_gap_between_the_forget_and_retained_mean_features_and_moves_only_the_forget():
-    means = F.normalize(torch.eye(4)[:, :3] + 0.1, dim=1)  # class 3 is forgotten
-    labels = torch.tensor([0, 1, 2, 3, 3])
+    labels, added = torch.tensor([0, 1, 2, 3, 3]), term_added(match=0.5)
     features = torch.tensor([[1., 0, 0], [0, 1, 0], [0, 0, 1], [2, 2, 0], [0, 2, 2]], requires_grad=True)
-    plain, matched = (deep.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], match=match) for match in (0.0, 0.5))
-    plain.features, matched.features = features, features
-    gap = matched(torch.zeros(5, 4), labels) - plain(torch.zeros(5, 4), labels)
+    gap = added(features, labels)
     retained, forget = torch.full((3,), 1 / 3), torch.tensor([1., 2, 1])         # the two classes' mean features
     assert torch.allclose(gap, 0.5 * (forget - retained).square().sum() / retained.square().sum())
     gap.backward()
     assert features.grad[:3].abs().max() == 0 and features.grad[3:].abs().max() > 0  # the retained mean is held
     # the next batch's forget mean enters at (1 - momentum): a batch at the retained mean closes 10 % of the gap
-    matched.features = torch.tensor([[1., 0, 0], [0, 1, 0], [0, 0, 1], [1 / 3, 1 / 3, 1 / 3], [1 / 3, 1 / 3, 1 / 3]])
-    plain.features = matched.features
-    second = matched(torch.zeros(5, 4), labels) - plain(torch.zeros(5, 4), labels)
+    third = 1 / 3
+    second = added(torch.tensor([[1., 0, 0], [0, 1, 0], [0, 0, 1], [third] * 3, [third] * 3]), labels)
     assert torch.allclose(second, 0.5 * (0.9 * (forget - retained)).square().sum() / retained.square().sum())
-    plain.remove(), matched.remove()
 
 
 def test_tie_norm_adds_each_forget_image_s_squared_relative_norm_gap_and_holds_the_retained_norm():
-    means = F.normalize(torch.eye(4)[:, :3] + 0.1, dim=1)  # class 3 is forgotten
-    labels = torch.tensor([0, 1, 2, 3, 3])
+    labels, added = torch.tensor([0, 1, 2, 3, 3]), term_added(norm=2.0)
     # retained norms 1, 2, 3 (mean 2); forget norms 1 and 4: relative gaps -0.5 and +1
     features = torch.tensor([[1., 0, 0], [0, 2, 0], [0, 0, 3], [1, 0, 0], [0, 0, 4]], requires_grad=True)
-    plain, normed = (deep.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], norm=norm) for norm in (0.0, 2.0))
-    plain.features, normed.features = features, features
-    gap = normed(torch.zeros(5, 4), labels) - plain(torch.zeros(5, 4), labels)
+    gap = added(features, labels)
     assert torch.allclose(gap, torch.tensor(2.0 * (0.25 + 1.0) / 2))
     gap.backward()
     assert features.grad[:3].abs().max() == 0                               # the retained norm is held
     assert features.grad[3, 0] < 0 and features.grad[4, 2] > 0              # descent lengthens 1, shortens 4
     # a forget image at the retained mean norm, in any direction, adds nothing
-    normed.features = plain.features = torch.tensor([[1., 0, 0], [0, 2, 0], [0, 0, 3], [0, 2, 0], [1.2, 1.6, 0]])
-    assert torch.allclose(normed(torch.zeros(5, 4), labels), plain(torch.zeros(5, 4), labels))
-    plain.remove(), normed.remove()
+    at_mean_norm = torch.tensor([[1., 0, 0], [0, 2, 0], [0, 0, 3], [0, 2, 0], [1.2, 1.6, 0]])
+    assert torch.allclose(added(at_mean_norm, labels), torch.tensor(0.0), atol=1e-6)
 
 
 def test_tie_match_without_the_tied_head_is_a_one_line_error():
