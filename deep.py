@@ -232,7 +232,8 @@ class TiedHeadLoss(HeadInputLoss):
         super().__init__(model)
 
     def __call__(self, logits, labels):
-        features = F.normalize(self.features.float(), dim=1)
+        raw = self.features.float()
+        features = F.normalize(raw, dim=1)
         scores = self.SCALE * features @ F.normalize(self.means, dim=1).T
         is_forget = forget_mask(labels, self.forget_classes)
         targets = labels.clone()
@@ -243,10 +244,11 @@ class TiedHeadLoss(HeadInputLoss):
         if self.through_head:  # the repair: the retained images through the head, the forget ones still tied
             loss = torch.where(is_forget, loss, F.cross_entropy(logits.float(), labels, reduction="none"))
         loss = loss.mean()
-        if self.match and is_forget.any() and not is_forget.all():
-            loss = loss + self.match * self._mean_gap(self.features.float(), is_forget)
-        if self.norm and is_forget.any() and not is_forget.all():
-            norms = self.features.float().norm(dim=1)
+        mixed = bool(is_forget.any()) and not bool(is_forget.all())  # both terms compare forget with retained
+        if self.match and mixed:
+            loss = loss + self.match * self._mean_gap(raw, is_forget)
+        if self.norm and mixed:
+            norms = raw.norm(dim=1)
             loss = loss + self.norm * (norms[is_forget] / norms[~is_forget].mean().detach() - 1).square().mean()
         with torch.no_grad():  # each class seen in the batch moves its mean toward the batch's
             sums = torch.zeros_like(self.means).index_add_(0, labels, features.detach())
