@@ -119,7 +119,8 @@ EXAMPLES = """examples:
 Measured results of these and more: RESULTS.md."""
 
 
-def parse_args():
+def build_parser():
+    """unlearn.py's command line (the tests build their runs' options from its defaults too)."""
     parser = ArgumentParser(description="Unlearn classes with PruneLoRA and baselines; print the paper's table.",
                             epilog=EXAMPLES)
     group = parser.add_argument_group("what to forget (exactly one)")
@@ -169,7 +170,7 @@ def parse_args():
     group.add_argument("--resume", action="store_true",
                        help="several seeds: take the seeds a cut run of the same command finished from its "
                        ".partial.json, and run only the rest (a cut base or Retrain is finished either way)")
-    return parser.parse_args()
+    return parser
 
 
 @dataclass
@@ -341,7 +342,7 @@ def run_methods(run, task, args):
 
 
 def main():
-    args = parse_args()
+    args = build_parser().parse_args()
     run = setup(args)
     if args.bench_steps:
         task = run.tasks[0]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import unlearn
 from checkpoints import load_checkpoint
 from data import load_dataset, training_index
 
@@ -60,3 +61,13 @@ def class_1_task(synthetic_dataset, base_checkpoint):
     forget = data.train_labels == 1
     split = dict(train=index, retain=index[~forget], forget=index[forget])
     return data, load_checkpoint(base_checkpoint, dataset, "cnn"), split
+
+
+def unlearn_args(**changes):
+    """unlearn.py's options with its command line's defaults, set for a quick run on the synthetic data
+    (forget class 1, rank 4, one epoch of batch 32, seed 0), then changed by `changes`: a test that
+    builds them by hand would have to learn of every new option."""
+    args = unlearn.build_parser().parse_args(["--forget-class", "1"])
+    vars(args).update({**dict(forget_class=[1], rank=4, alpha=8, epochs=1, batch_size=32, seed=0, arch="cnn"),
+                       **changes})
+    return args

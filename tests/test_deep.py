@@ -15,6 +15,7 @@ import projection
 import prunelora as pl
 import unlearn
 from cli import UserError
+from conftest import unlearn_args
 from data import predict
 from evaluate import unlearning_metrics
 from methods import Task
@@ -28,14 +29,6 @@ def base_model(base, data):
     model.load_state_dict(base["state_dict"])
     return model
 
-
-def prunelora_args(**changes):
-    return argparse.Namespace(**dict(dict(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lr=1e-3, lora_lr=3e-3,
-                                          reset_head=1, depth=False, freeze_bn=1, salient_prune=0.0, relabel_forget=0,
-                                          push=0.0, hold=0.0, tie_head=0, repair_epochs=0, tie_spread=0, tie_match=0.0,
-                                          tie_norm=0.0, deep=0, project_start=0, epochs=1, batch_size=32, seed=0,
-                                          arch="cnn"),
-                                     **changes))
 
 # -----------------------------------------------------------------------------
 # --project-start
@@ -93,7 +86,7 @@ def test_projection_start_above_the_rank_is_a_one_line_error(synthetic_dataset, 
 def test_feature_loss_without_its_terms_is_cross_entropy_on_the_retained_images_only(class_1_task):
     data, base, split = class_1_task
     model = base_model(base, data)
-    loss = deep.forget_feature_loss(model, data, split, [1], prunelora_args())
+    loss = deep.forget_feature_loss(model, data, split, [1], unlearn_args())
     pick = torch.arange(0, len(data.train_labels), 6)  # the images are stored class by class: every class
     x, y = data.train_images[pick], data.train_labels[pick]
     logits = model(((x.float() / 255) - data.mean[:, None, None]) / data.std[:, None, None])
@@ -111,7 +104,7 @@ def test_feature_loss_without_its_terms_is_cross_entropy_on_the_retained_images_
 def test_push_moves_the_forget_features_toward_the_retained_prototypes(class_1_task):
     data, base, split = class_1_task
     model = base_model(base, data)
-    loss = deep.forget_feature_loss(model, data, split, [1], prunelora_args(push=1.0))
+    loss = deep.forget_feature_loss(model, data, split, [1], unlearn_args(push=1.0))
     forget = split["forget"][:32]
     normalised = lambda: (data.train_images[forget].float() / 255 - data.mean[:, None, None]) / data.std[:, None, None]
     nearest = lambda: float((F.normalize(model.features(normalised()), dim=1) @ loss.prototypes.T).max(1).values.mean())
@@ -142,7 +135,7 @@ def test_push_prices_a_forget_class_gathered_at_one_prototype_at_log_2_and_a_sca
 
 def test_prunelora_with_push_and_hold_trains_merges_sparse_and_leaves_no_hook(class_1_task):
     data, base, split = class_1_task
-    args = prunelora_args(push=0.5, hold=0.5, project_start=2, epochs=2)
+    args = unlearn_args(push=0.5, hold=0.5, project_start=2, epochs=2)
     model, row = unlearn.run_method("prunelora", Task(0, base, None, split), data, args, torch.device("cpu"))
     assert not model.head._forward_pre_hooks and not any(m._forward_pre_hooks for m in model.modules())
     assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
@@ -163,7 +156,7 @@ def test_repair_epochs_train_the_fitted_head_on_the_retained_images_with_the_for
         return facts
     monkeypatch.setattr(methods, "finetune_on", spy)
     model, row = unlearn.run_method("prunelora", Task(0, base, None, split), data,
-                                    prunelora_args(tie_head=1, repair_epochs=2, epochs=1), data.train_images.device)
+                                    unlearn_args(tie_head=1, repair_epochs=2, epochs=1), data.train_images.device)
     (tied_on, tied_loss, tied_epochs, tied_head), (repair_on, repair_loss, repair_epochs, repair_head) = phases
     assert torch.equal(tied_on, split["train"]) and tied_loss == "TiedHeadLoss" and tied_epochs == 1 and not tied_head
     assert torch.equal(repair_on, split["train"]) and repair_loss == "TiedHeadLoss" and repair_epochs == 2
@@ -177,7 +170,7 @@ def test_the_run_s_eta_counts_the_forget_images_the_tie_trains_on_and_the_repair
     data, base, split = class_1_task
     run = unlearn.Run(["prunelora"], data.train_images.device, data, [Task(0, {"complete": True}, None, split)],
                       None, {})
-    work = lambda **changes: unlearn.planned_work(run, prunelora_args(**dict(epochs=[3], base_epochs=1, **changes)))
+    work = lambda **changes: unlearn.planned_work(run, unlearn_args(**dict(epochs=[3], base_epochs=1, **changes)))
     forget, retain = len(split["forget"]), len(split["retain"])
     assert work(tie_head=1) - work() == 3 * forget                           # the tie: every training image
     assert work(tie_head=1, repair_epochs=2) - work(tie_head=1) == 2 * (retain + forget)  # the repair: all of them
@@ -185,7 +178,7 @@ def test_the_run_s_eta_counts_the_forget_images_the_tie_trains_on_and_the_repair
 
 def test_repair_epochs_without_the_tied_head_is_a_one_line_error():
     with pytest.raises(UserError, match="--repair-epochs 2 trains after --tie-head 1"):
-        deep.check_args(prunelora_args(repair_epochs=2), ["prunelora"])
+        deep.check_args(unlearn_args(repair_epochs=2), ["prunelora"])
 
 
 def test_push_without_forget_classes_is_a_one_line_error(synthetic_dataset, base_checkpoint, tmp_path):
@@ -293,12 +286,12 @@ def test_tie_norm_adds_each_forget_image_s_squared_relative_norm_gap_and_holds_t
 
 def test_tie_match_without_the_tied_head_is_a_one_line_error():
     with pytest.raises(UserError, match="--tie-match 0.5 adds to the loss of --tie-head 1"):
-        deep.check_args(prunelora_args(tie_match=0.5), ["prunelora"])
+        deep.check_args(unlearn_args(tie_match=0.5), ["prunelora"])
 
 
 def test_tie_spread_without_the_tied_head_is_a_one_line_error():
     with pytest.raises(UserError, match="--tie-spread 1 spreads the targets of --tie-head 1"):
-        deep.check_args(prunelora_args(tie_spread=1), ["prunelora"])
+        deep.check_args(unlearn_args(tie_spread=1), ["prunelora"])
 
 
 @pytest.mark.parametrize("spread,match,norm", [(0, 0.0, 0.0), (1, 1.0, 1.0)])
@@ -306,7 +299,7 @@ def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leave
                                                                                           class_1_task):
     data, base, split = class_1_task
     model, row = unlearn.run_method("prunelora", Task(0, base, None, split), data,
-                                    prunelora_args(tie_head=1, tie_spread=spread, tie_match=match, tie_norm=norm,
+                                    unlearn_args(tie_head=1, tie_spread=spread, tie_match=match, tie_norm=norm,
                                                    epochs=2),
                                     data.train_images.device)
     assert not any(m._forward_pre_hooks for m in model.modules())
@@ -314,17 +307,17 @@ def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leave
 
 
 def test_deep_1_selects_the_tied_head_and_refuses_options_of_its_own():
-    args = prunelora_args(deep=1)
+    args = unlearn_args(deep=1)
     deep.check_args(args, ["retrain", "prunelora"])
     assert args.tie_head == 1 and deep.DEEP == {"tie_head": 1}  # and nothing else changed
-    assert vars(args) == vars(prunelora_args(deep=1, tie_head=1))
+    assert vars(args) == vars(unlearn_args(deep=1, tie_head=1))
     for clash in (dict(tie_head=1), dict(push=1.0), dict(project_start=2)):
         with pytest.raises(UserError, match="--deep 1 sets the options"):
-            deep.check_args(prunelora_args(deep=1, **clash), ["prunelora"])
+            deep.check_args(unlearn_args(deep=1, **clash), ["prunelora"])
     with pytest.raises(UserError, match="--deep 1 changes prunelora only"):
-        deep.check_args(prunelora_args(deep=1), ["finetune"])
+        deep.check_args(unlearn_args(deep=1), ["finetune"])
     with pytest.raises(UserError, match=r"--deep 1 \(--tie-head 1\) needs the forget classes"):
-        deep.check_args(prunelora_args(deep=1, forget_class=[]), ["prunelora"])
+        deep.check_args(unlearn_args(deep=1, forget_class=[]), ["prunelora"])
 
 
 def test_tie_head_with_push_is_a_one_line_error(synthetic_dataset, base_checkpoint, tmp_path):
@@ -361,7 +354,7 @@ def test_salient_prune_first_prunes_what_the_forget_images_lean_on(class_1_task)
     data, base, split = class_1_task
     model = base_model(base, data)
     before = unlearning_metrics(model, data, [1], split["train"])["forget_test_acc"]
-    deep.prune_forget_salient(model, data, split["forget"], prunelora_args(salient_prune=0.1))
+    deep.prune_forget_salient(model, data, split["forget"], unlearn_args(salient_prune=0.1))
     assert pl.sparsity(model) == pytest.approx(0.1, abs=0.01)  # the head (not pruned) is counted in the total
     assert unlearning_metrics(model, data, [1], split["train"])["forget_test_acc"] < before  # its weights went first
 

@@ -17,6 +17,7 @@ import report
 import unlearn
 from checkpoints import checkpoint_dict, default_checkpoint, load_checkpoint
 from cli import UserError
+from conftest import unlearn_args
 from data import Data, load_dataset, make_batch, predict, training_index
 from models import build_model
 from evaluate import attack_accuracy, fit_threshold, gaps_to_retrain, mia_efficacy, unlearning_metrics
@@ -330,10 +331,7 @@ def test_unlearn_as_functions_forgets_several_classes(tie_head, synthetic_datase
     dataset, data_dir = synthetic_dataset
     data = load_dataset(dataset, data_dir)
     base = load_checkpoint(base_checkpoint, dataset, "cnn")
-    args = argparse.Namespace(forget_class=[0, 3], prune_amount=0.5, rank=4, alpha=8, lr=1e-3,
-                              lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=0, salient_prune=0.0,
-                              relabel_forget=0, push=0.0, hold=0.0, tie_head=tie_head, repair_epochs=0, tie_spread=0,
-                              tie_match=0.0, tie_norm=0.0, project_start=0, epochs=3, batch_size=32, seed=0, arch="cnn")
+    args = unlearn_args(forget_class=[0, 3], freeze_bn=0, tie_head=tie_head, epochs=3)
     index = training_index(data)
     forget = torch.isin(data.train_labels, torch.tensor(args.forget_class))
     split = dict(train=index, retain=index[~forget], forget=index[forget])
@@ -347,11 +345,7 @@ def test_freeze_bn_keeps_the_merged_batchnorm_buffers_the_base_s_bit_for_bit(met
     data, base, split = class_1_task
     buffers = {}
     for freeze in (1, 0):
-        args = argparse.Namespace(forget_class=[1], prune_amount=0.5, rank=4, alpha=8, lr=1e-3,
-                                  lora_lr=3e-3, reset_head=1, depth=False, freeze_bn=freeze,
-                                  salient_prune=0.0, relabel_forget=0, push=0.0, hold=0.0, tie_head=0, repair_epochs=0,
-                                  tie_spread=0, tie_match=0.0, tie_norm=0.0, project_start=0, epochs=1, batch_size=32,
-                                  seed=0, arch="cnn")
+        args = unlearn_args(freeze_bn=freeze)
         model, _ = unlearn.run_method(method, Task(0, base, None, split), data, args, torch.device("cpu"))
         buffers[freeze] = {k: v for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
     assert buffers[1] and all(torch.equal(v, base["state_dict"][k]) for k, v in buffers[1].items())
