@@ -14,8 +14,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-import deep
 import prunelora as pl
+import tie
 from checkpoints import fresh_model
 from cli import autocast
 from data import make_batch, predict
@@ -76,7 +76,7 @@ def trainer(name, base, x, y, args):
     if method == "prunelora" and getattr(args, "tie_head", 0):
         # the tied head's loss scores the features against class means; their values do not change the cost
         means = torch.randn(model.head.out_features, model.head.in_features, device=device)
-        loss_fn = deep.TiedHeadLoss(model, means, args.forget_class)
+        loss_fn = tie.TiedHeadLoss(model, means, args.forget_class, **tie.tie_options(args))
 
     def step():
         with autocast(device):

@@ -1,5 +1,6 @@
 """PruneLoRA variants aimed at deeper forgetting: making the rank-r update reach the features, not
-only the head. Each is an option of unlearn.py, off by default; depth.py measures them.
+only the head. Each is an option of unlearn.py, off by default; depth.py measures them; the tied head
+and its terms are in tie.py.
 
     --push L          forget-feature term: L * cross-entropy of a nearest-class-mean classifier on the forget
                       images x of a batch, whose classes are the forget images' own centre m (the normalised
@@ -30,6 +31,11 @@ only the head. Each is an option of unlearn.py, off by default; depth.py measure
                       n_r the batch's mean retained norm (held): the tie scores cosines only, and spread forget images
                       shrank to 0.14-0.34 of a retained image's norm, a place a linear probe can find (measured,
                       CIFAR-10 seed 0: W = 1 took the probe readout from 0.52 to 1.31; RESULTS.md)
+    --tie-whiten W    with --tie-head 1, + W * (mu_f - mu_r)^T (S_r + eps I)^-1 (mu_f - mu_r) on the raw features,
+                      S_r the retained features' running covariance (held), eps 1 % of its mean variance: the squared
+                      distance between the two means that a linear probe reads (Fisher's discriminant; --tie-match's
+                      plain distance counts a gap along a direction in which the retained features hardly vary as
+                      little as any, though a probe on standardised features finds it as easily as any)
     --deep 1          the best combination measured so far: --tie-head 1 (RA within 1 point of Retrain on
                       Fashion-MNIST, 3.2 points under it on CIFAR-10, 0.7 with --epochs 1 --repair-epochs 4)
     --salient-prune Q prune first the share Q of weights the forget images' loss leans on most
@@ -52,7 +58,7 @@ from models import HEAD
 DEEP = dict(tie_head=1)
 OPTIONS = (("--push", "push"), ("--hold", "hold"), ("--project-start", "project_start"), ("--tie-head", "tie_head"),
            ("--repair-epochs", "repair_epochs"), ("--tie-spread", "tie_spread"), ("--tie-match", "tie_match"),
-           ("--tie-norm", "tie_norm"),
+           ("--tie-norm", "tie_norm"), ("--tie-whiten", "tie_whiten"),
            ("--salient-prune", "salient_prune"), ("--relabel-forget", "relabel_forget"))
 
 non_negative = number(float, "a number >= 0", lambda v: v >= 0 and v < float("inf"))
@@ -85,6 +91,10 @@ def add_args(group):
     group.add_argument("--tie-norm", type=non_negative, default=0.0, metavar="W",
                        help="with --tie-head 1: weight W of a term that keeps each forget image's feature norm at "
                        "the retained images' mean norm (the tie scores cosines only, and spread images shrank)")
+    group.add_argument("--tie-whiten", type=non_negative, default=0.0, metavar="W",
+                       help="with --tie-head 1: weight W of a term that brings the mean raw feature of the forget "
+                       "images to the retained images' mean, the gap measured in the retained features' whitened "
+                       "coordinates (the distance a linear probe reads)")
     group.add_argument("--deep", type=int, choices=(0, 1), default=0,
                        help="1: the best combination for deeper forgetting measured so far, today "
                        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEEP.items()) + " (RESULTS.md)")
@@ -121,7 +131,8 @@ def check_args(args, methods):
         raise UserError(f"{tie} keeps its class means in one process; run it without torchrun")
     for flag, key, what in (("--repair-epochs", "repair_epochs", "trains after"), ("--tie-spread", "tie_spread",
                             "spreads the targets of"), ("--tie-match", "tie_match", "adds to the loss of"),
-                            ("--tie-norm", "tie_norm", "adds to the loss of")):
+                            ("--tie-norm", "tie_norm", "adds to the loss of"),
+                            ("--tie-whiten", "tie_whiten", "adds to the loss of")):
         if getattr(args, key) and not args.tie_head:
             raise UserError(f"{flag} {getattr(args, key)} {what} --tie-head 1; use it with --tie-head 1")
     if args.project_start > args.rank:
@@ -201,114 +212,6 @@ def forget_feature_loss(model, data, split, forget_classes, args):
     prototypes = class_prototypes(model, data, split["retain"].to(data.train_labels.device), retained,
                                   seed=args.seed)
     return ForgetFeatureLoss(model, prototypes, retained, forget_classes, args.push, args.hold)
-
-# -----------------------------------------------------------------------------
-# --tie-head: a head that cannot carry the forgetting
-
-
-class TiedHeadLoss(HeadInputLoss):
-    """loss_fn(logits, labels) for fit() on retained and forget images together that leaves the head's
-    logits unused: the scores are SCALE * cos(f(x), m_c) for every class c, m_c a running mean of the
-    class's normalised features (the base's class prototypes at first, then after each step
-    momentum * m_c + (1 - momentum) * the batch's normalised mean), the target of a retained image its
-    class, of a forget image its nearest retained class by these scores. The forget classes keep their
-    own means, so a forget image only scores as retained once its feature is nearer a retained class's
-    mean than its own class's. The head gets no gradient; fit_head() fits it afterwards. With
-    through_head set (--repair-epochs), the retained images are scored by the head's logits instead
-    (cross-entropy, the head trains) while the forget images stay tied. With spread (--tie-spread), the
-    forget images of a batch go to the retained classes in equal numbers (balanced_assignment). With
-    match W (--tie-match), + W * |mu_f - mu_r|^2 / |mu_r|^2 on the raw features, mu_r the batch's
-    retained mean (held), mu_f = momentum * the last mu_f + (1 - momentum) * the batch's forget mean:
-    the batch's few forget images alone would give a noisy gap whose square also pulls them together.
-    With norm W (--tie-norm), + W * the mean of (|f(x)| / n_r - 1)^2 over the forget images, n_r the
-    batch's mean retained feature norm (held): each forget image keeps a retained image's norm."""
-    SCALE = 10  # as ForgetFeatureLoss: cosines as logits
-
-    def __init__(self, model, means, forget_classes, momentum=0.9, spread=False, match=0.0, norm=0.0):
-        self.means, self.momentum, self.through_head, self.spread = means.clone(), momentum, False, spread
-        self.match, self.norm, self.forget_mean = match, norm, None  # the running mu_f, detached between steps
-        self.forget_classes = list(forget_classes)
-        self.forget = torch.tensor(self.forget_classes, device=means.device)
-        super().__init__(model)
-
-    def __call__(self, logits, labels):
-        raw = self.features.float()
-        features = F.normalize(raw, dim=1)
-        scores = self.SCALE * features @ F.normalize(self.means, dim=1).T
-        is_forget = forget_mask(labels, self.forget_classes)
-        targets = labels.clone()
-        if is_forget.any():
-            nearest = scores.detach()[is_forget].index_fill(1, self.forget, float("-inf"))
-            targets[is_forget] = balanced_assignment(nearest) if self.spread else nearest.argmax(1)
-        loss = F.cross_entropy(scores, targets, reduction="none")
-        if self.through_head:  # the repair: the retained images through the head, the forget ones still tied
-            loss = torch.where(is_forget, loss, F.cross_entropy(logits.float(), labels, reduction="none"))
-        loss = loss.mean()
-        mixed = bool(is_forget.any()) and not bool(is_forget.all())  # both terms compare forget with retained
-        if self.match and mixed:
-            loss = loss + self.match * self._mean_gap(raw, is_forget)
-        if self.norm and mixed:
-            norms = raw.norm(dim=1)
-            loss = loss + self.norm * (norms[is_forget] / norms[~is_forget].mean().detach() - 1).square().mean()
-        with torch.no_grad():  # each class seen in the batch moves its mean toward the batch's
-            sums = torch.zeros_like(self.means).index_add_(0, labels, features.detach())
-            seen = torch.bincount(labels, minlength=len(self.means)) > 0
-            self.means[seen] = self.momentum * self.means[seen] + (1 - self.momentum) * F.normalize(sums[seen], dim=1)
-        return loss
-
-    def _mean_gap(self, raw, is_forget):
-        """|mu_f - mu_r|^2 / |mu_r|^2, the gradient through this batch's forget images (their share of mu_f)."""
-        retained = raw[~is_forget].mean(0).detach()
-        batch = raw[is_forget].mean(0)
-        forget = batch if self.forget_mean is None else self.momentum * self.forget_mean + (1 - self.momentum) * batch
-        self.forget_mean = forget.detach()
-        return (forget - retained).square().sum() / retained.square().sum().clamp_min(1e-12)
-
-
-def balanced_assignment(scores):
-    """(n,) a column for each row of scores (n, k), no column taken more than ceil(n / usable columns) times:
-    greedy, in order of score, each row takes its best column that still has room. A row keeps its best
-    column unless rows that score it higher have filled it; columns scored -inf are never taken. An exact
-    equipartition, as SwAV's (arXiv 2006.09882) Sinkhorn-Knopp plan approximates it: one host loop over
-    n * k entries, a few hundred for a batch's forget images."""
-    n, k = scores.shape
-    usable = torch.isfinite(scores).all(0).tolist()
-    room = [-(-n // max(sum(usable), 1)) if ok else 0 for ok in usable]
-    target = [-1] * n
-    for flat in scores.flatten().argsort(descending=True).tolist():
-        row, column = divmod(flat, k)
-        if target[row] < 0 and room[column] > 0:
-            target[row], room[column] = column, room[column] - 1
-    return torch.tensor(target, device=scores.device)
-
-
-def tied_head_loss(model, data, split, forget_classes, seed=0, spread=False, match=0.0, norm=0.0):
-    """--tie-head's loss for this model (the base: the means start at its class prototypes)."""
-    means = class_prototypes(model, data, split["train"].to(data.train_labels.device), range(data.num_classes),
-                             seed=seed)
-    return TiedHeadLoss(model, means, forget_classes, spread=spread, match=match, norm=norm)
-
-
-def fit_head(model, data, index, seed, epochs=10, batch_size=512, lr=1e-2):
-    """Fit model.head alone on the penultimate features of data.train_images[index] (eval mode, no
-    augmentation; computed once): Adam, the learning rate falling linearly to 0. The head starts as it
-    is (for PruneLoRA: the base's, the forget rows reset), so the forget classes, never a target here,
-    are pushed down as in the usual unlearning."""
-    with torch.no_grad():
-        features = predict(model, data, data.train_images[index.to(data.train_images.device)], features=True)
-    labels = data.train_labels[index.to(data.train_labels.device)]
-    optimizer = torch.optim.Adam(model.head.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    total, step = epochs * -(-len(labels) // batch_size), 0
-    for _ in range(epochs):
-        for batch in torch.randperm(len(labels), generator=generator).to(labels.device).split(batch_size):
-            for group in optimizer.param_groups:
-                group["lr"] = lr * (1 - step / total)
-            loss = F.cross_entropy(model.head(features[batch]).float(), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
 
 # -----------------------------------------------------------------------------
 # --salient-prune, --relabel-forget

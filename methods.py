@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import deep
 import projection
 import prunelora as pl
+import tie
 from checkpoints import default_checkpoint, load_checkpoint
 from cli import UserError
 from data import with_labels
@@ -57,8 +58,7 @@ def unlearn_prunelora(model, data, task, args):
         loss_fn = deep.forget_feature_loss(model, data, task.split, args.forget_class, args)
         train_on = task.split["train"]
     if args.tie_head:  # the forget images too, classified by class means of the features, not by the head
-        loss_fn = deep.tied_head_loss(model, data, task.split, args.forget_class, args.seed, args.tie_spread,
-                                       args.tie_match, args.tie_norm)
+        loss_fn = tie.tied_head_loss(model, data, task.split, args)
         train_on = task.split["train"]
     if args.salient_prune:  # before the head's forget rows are reset: the saliency is the base model's
         deep.prune_forget_salient(model, data, task.split["forget"], args)
@@ -69,7 +69,7 @@ def unlearn_prunelora(model, data, task, args):
         facts = finetune_on(model, train_data, train_on, args, task,  # 3. unlearn: the factors and the head train
                             loss_fn=loss_fn, lr=args.lora_lr, freeze_bn=args.freeze_bn)
         if args.repair_epochs:  # then the fitted head scores the retained images; the forget images stay tied
-            deep.fit_head(model, data, task.split["retain"], args.seed)
+            tie.fit_head(model, data, task.split["retain"], args.seed)
             loss_fn.through_head = True
             finetune_on(model, train_data, train_on, args, task, loss_fn=loss_fn, lr=args.lora_lr,
                         freeze_bn=args.freeze_bn, epochs=args.repair_epochs)
@@ -80,7 +80,7 @@ def unlearn_prunelora(model, data, task, args):
     # the head got no gradient: fitted now on the merged model's retained features (the repair fitted it before
     # the merge, as its factors train after; here it stays after, where the measured --tie-head runs fitted it)
     if args.tie_head and not args.repair_epochs:
-        deep.fit_head(model, data, task.split["retain"], args.seed)
+        tie.fit_head(model, data, task.split["retain"], args.seed)
     return model, facts
 
 

@@ -25,9 +25,9 @@ from report import REFERENCES, meets_targets
 
 
 # the settings that name a run's points when several runs are drawn (those that differ between them)
-VARIANT_KEYS = ("push", "hold", "tie_head", "repair_epochs", "tie_spread", "tie_match", "tie_norm", "project_start",
-                "salient_prune", "relabel_forget", "prune_amount", "rank", "freeze_bn", "reset_head", "epochs",
-                "lora_lr")
+VARIANT_KEYS = ("push", "hold", "tie_head", "repair_epochs", "tie_spread", "tie_match", "tie_norm", "tie_whiten",
+                "project_start", "salient_prune", "relabel_forget", "prune_amount", "rank", "freeze_bn", "reset_head",
+                "epochs", "lora_lr")
 
 
 def seed_rows(saved):

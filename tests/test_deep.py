@@ -1,4 +1,4 @@
-"""The PruneLoRA variants aimed at deeper forgetting (deep.py), on synthetic data."""
+"""The PruneLoRA variants aimed at deeper forgetting (deep.py, tie.py, projection.py), on synthetic data."""
 import argparse
 import copy
 import subprocess
@@ -13,6 +13,7 @@ import deep
 import methods
 import projection
 import prunelora as pl
+import tie
 import unlearn
 from cli import UserError
 from conftest import unlearn_args
@@ -194,7 +195,7 @@ def test_push_without_forget_classes_is_a_one_line_error(synthetic_dataset, base
 
 def test_tied_head_loss_scores_by_class_means_not_the_head_and_sends_forget_images_to_the_nearest_retained():
     means = F.normalize(torch.eye(4)[:, :3] + 0.1, dim=1)  # four classes in three dimensions; class 3 is forgotten
-    loss = deep.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], momentum=0.9)
+    loss = tie.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], momentum=0.9)
     labels = torch.tensor([0, 3, 3])
     loss.features = torch.tensor([[2.0, 0, 0], [0.1, 1, 0.2], [0.3, 0, 1]], requires_grad=True)  # forget: near 1, 2
     logits = torch.zeros(3, 4, requires_grad=True)
@@ -219,12 +220,12 @@ def test_balanced_assignment_spreads_rows_that_all_prefer_one_column_and_keeps_r
     scores = torch.rand(18, 4, generator=generator)
     scores[:, 0] += 5                                   # every row's best column is 0
     scores[:, 3] = float("-inf")                        # a forget class: never a target
-    spread = deep.balanced_assignment(scores)
+    spread = tie.balanced_assignment(scores)
     assert torch.equal(scores.argmax(1), torch.zeros(18, dtype=torch.long))
     assert torch.bincount(spread, minlength=4).tolist() == [6, 6, 6, 0]
     distinct = torch.eye(4)[:, :3] * 5 + 0.1 * torch.rand(4, 3, generator=generator)  # rows 0-2 differ; row 3: tie
-    assert torch.equal(deep.balanced_assignment(distinct[:3]), torch.arange(3))    # nothing over-subscribed: kept
-    assert torch.equal(deep.balanced_assignment(scores[:1]), torch.tensor([0]))   # one row: its nearest
+    assert torch.equal(tie.balanced_assignment(distinct[:3]), torch.arange(3))    # nothing over-subscribed: kept
+    assert torch.equal(tie.balanced_assignment(scores[:1]), torch.tensor([0]))   # one row: its nearest
 
 
 def test_tied_head_loss_with_spread_sends_the_forget_images_of_a_batch_to_every_retained_class():
@@ -233,10 +234,10 @@ def test_tied_head_loss_with_spread_sends_the_forget_images_of_a_batch_to_every_
     labels = torch.full((6,), 3)
     losses = {}
     for spread in (False, True):
-        loss = deep.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], spread=spread)
+        loss = tie.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], spread=spread)
         loss.features = features
         scores = 10 * F.normalize(features, dim=1) @ means.T
-        targets = deep.balanced_assignment(scores.index_fill(1, torch.tensor([3]), float("-inf"))) if spread else \
+        targets = tie.balanced_assignment(scores.index_fill(1, torch.tensor([3]), float("-inf"))) if spread else \
             torch.ones(6, dtype=torch.long)                 # all nearest to class 1
         losses[spread] = loss(torch.zeros(6, 4), labels)
         assert torch.allclose(losses[spread], F.cross_entropy(scores, targets))
@@ -248,7 +249,7 @@ def term_added(**option):
     """(features, labels) -> what the option adds to the tied head's loss on these head inputs, class 3 forgotten
     (two losses on throwaway models, one without the option, called on the same features in turn)."""
     means = F.normalize(torch.eye(4)[:, :3] + 0.1, dim=1)
-    plain, changed = (deep.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], **o) for o in ({}, option))
+    plain, changed = (tie.TiedHeadLoss(build_model("cnn", 3, 4), means, [3], **o) for o in ({}, option))
 
     def added(features, labels):
         plain.features = changed.features = features
@@ -284,9 +285,43 @@ def test_tie_norm_adds_each_forget_image_s_squared_relative_norm_gap_and_holds_t
     assert torch.allclose(added(at_mean_norm, labels), torch.tensor(0.0), atol=1e-6)
 
 
-def test_tie_match_without_the_tied_head_is_a_one_line_error():
-    with pytest.raises(UserError, match="--tie-match 0.5 adds to the loss of --tie-head 1"):
-        deep.check_args(unlearn_args(tie_match=0.5), ["prunelora"])
+def test_tie_whiten_adds_the_gap_a_linear_probe_reads_so_a_gap_where_the_retained_hardly_vary_costs_more():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 2] * 4 + [3, 3])
+    retained = torch.randn(12, 3, generator=generator) * torch.tensor([3.0, 0.1, 1.0]) + 5  # x wide, y narrow
+    mean, covariance = retained.double().mean(0), torch.cov(retained.double().T, correction=0)
+    ridged = covariance + 0.01 * covariance.diagonal().mean() * torch.eye(3, dtype=torch.float64)
+    whiten, match = {}, {}
+    for axis in (0, 1):                                    # the forget mean 0.5 off the retained mean along x, y
+        offset = torch.eye(3)[axis] * 0.5
+        forget = (mean.float() + offset) + torch.tensor([[0.2, -0.1, 0.3]]) * torch.tensor([[1.0], [-1.0]])
+        features = torch.cat([retained, forget]).requires_grad_()
+        whiten[axis] = term_added(whiten=1.0)(features, labels)
+        assert torch.allclose(whiten[axis].double(), offset.double() @ torch.linalg.solve(ridged, offset.double()),
+                              rtol=1e-4)
+        whiten[axis].backward()
+        assert features.grad[:12].abs().max() < 1e-6 < features.grad[12:].abs().max()  # the retained: held
+        match[axis] = term_added(match=1.0)(features.detach(), labels)
+    assert torch.allclose(match[0], match[1]) and whiten[1] > 100 * whiten[0]  # plain distance: the same
+
+
+def test_retained_moments_are_the_mean_and_covariance_of_every_retained_image_seen_without_decay():
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 4, generator=generator) * 2 + 1 for n in (5, 9, 7)]
+    loss = tie.TiedHeadLoss(build_model("cnn", 3, 4), torch.eye(4), [3])
+    loss.MOMENTS_DECAY = 1.0                               # no decay: plain averages over all images seen
+    for batch in batches:
+        mean, covariance = loss.retained_moments(batch)
+    seen = torch.cat(batches).double()
+    assert torch.allclose(mean, seen.mean(0)) and torch.allclose(covariance, torch.cov(seen.T, correction=0))
+    loss.remove()
+
+
+@pytest.mark.parametrize("flag,option", [("--tie-match 0.5", dict(tie_match=0.5)),
+                                         ("--tie-whiten 0.5", dict(tie_whiten=0.5))])
+def test_a_term_of_the_tied_head_without_the_tied_head_is_a_one_line_error(flag, option):
+    with pytest.raises(UserError, match=f"{flag} adds to the loss of --tie-head 1"):
+        deep.check_args(unlearn_args(**option), ["prunelora"])
 
 
 def test_tie_spread_without_the_tied_head_is_a_one_line_error():
@@ -294,14 +329,11 @@ def test_tie_spread_without_the_tied_head_is_a_one_line_error():
         deep.check_args(unlearn_args(tie_spread=1), ["prunelora"])
 
 
-@pytest.mark.parametrize("spread,match,norm", [(0, 0.0, 0.0), (1, 1.0, 1.0)])
-def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leaves_no_hook(spread, match, norm,
-                                                                                          class_1_task):
+@pytest.mark.parametrize("terms", [dict(), dict(tie_spread=1, tie_match=1.0, tie_norm=1.0, tie_whiten=1.0)])
+def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leaves_no_hook(terms, class_1_task):
     data, base, split = class_1_task
     model, row = unlearn.run_method("prunelora", Task(0, base, None, split), data,
-                                    unlearn_args(tie_head=1, tie_spread=spread, tie_match=match, tie_norm=norm,
-                                                   epochs=2),
-                                    data.train_images.device)
+                                    unlearn_args(tie_head=1, epochs=2, **terms), data.train_images.device)
     assert not any(m._forward_pre_hooks for m in model.modules())
     assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
 

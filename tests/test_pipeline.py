@@ -309,8 +309,7 @@ def test_the_bench_times_prunelora_with_the_tied_head_s_loss_when_asked(syntheti
     no gradient to the head."""
     base, x, y = bench_inputs(synthetic_dataset)
     for tie_head in (0, 1):
-        args = argparse.Namespace(prune_amount=0.5, rank=2, alpha=4, freeze_bn=1, forget_class=[1], reset_head=1,
-                                  tie_head=tie_head)
+        args = unlearn_args(rank=2, alpha=4, tie_head=tie_head)
         model, step = bench.trainer("prunelora", base, x, y, args)
         step()
         assert (model.head.weight.grad is None) == bool(tie_head)
