@@ -31,11 +31,12 @@ and its terms are in tie.py.
                       n_r the batch's mean retained norm (held): the tie scores cosines only, and spread forget images
                       shrank to 0.14-0.34 of a retained image's norm, a place a linear probe can find (measured,
                       CIFAR-10 seed 0: W = 1 took the probe readout from 0.52 to 1.31; RESULTS.md)
-    --tie-whiten W    with --tie-head 1, + W * (mu_f - mu_r)^T (S_r + eps I)^-1 (mu_f - mu_r) on the raw features,
-                      S_r the retained features' running covariance (held), eps 1 % of its mean variance: the squared
-                      distance between the two means that a linear probe reads (Fisher's discriminant; --tie-match's
-                      plain distance counts a gap along a direction in which the retained features hardly vary as
-                      little as any, though a probe on standardised features finds it as easily as any)
+    --tie-whiten W    with --tie-head 1, + W * (m_f - m_r)^T (S_r + eps I)^-1 (m_f - m_r) on the raw features, m_f and
+                      m_r the forget and retained images' running means, S_r the retained ones' running covariance
+                      (about the last 100 batches; held), eps 1 % of its mean variance: the squared distance between
+                      the two means that a linear probe reads (Fisher's discriminant). --tie-match's plain distance
+                      counts a gap along a direction in which the retained features hardly vary as little as any,
+                      though a probe on standardised features finds it as easily as any
     --deep 1          the best combination measured so far: --tie-head 1 (RA within 1 point of Retrain on
                       Fashion-MNIST, 3.2 points under it on CIFAR-10, 0.7 with --epochs 1 --repair-epochs 4)
     --salient-prune Q prune first the share Q of weights the forget images' loss leans on most

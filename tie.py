@@ -29,16 +29,18 @@ class TiedHeadLoss(HeadInputLoss):
     the batch's few forget images alone would give a noisy gap whose square also pulls them together.
     With norm W (--tie-norm), + W * the mean of (|f(x)| / n_r - 1)^2 over the forget images, n_r the
     batch's mean retained feature norm (held): each forget image keeps a retained image's norm. With
-    whiten W (--tie-whiten), + W * (mu_f - m_r)^T (S_r + eps I)^-1 (mu_f - m_r), m_r and S_r the retained
-    features' running mean and covariance (retained_moments; held), mu_f as for match."""
+    whiten W (--tie-whiten), + W * (m_f - m_r)^T (S_r + eps I)^-1 (m_f - m_r), m_f the forget features'
+    running mean, m_r and S_r the retained ones' mean and covariance (running_moments; held): the value
+    is the running gap, the gradient that of the batch's forget mean put in m_f's place. Why not mu_f:
+    the mean of a batch's dozen forget images, whitened in hundreds of dimensions, is mostly noise."""
     SCALE = 10  # as ForgetFeatureLoss: cosines as logits
-    MOMENTS_DECAY = 0.99  # a D x D covariance needs more images than a mean: about the last 100 batches'
+    MOMENTS_DECAY = 0.99  # --tie-whiten's running sums: about the last 100 batches' images
     RIDGE = 0.01  # eps, as a share of the mean variance: directions with no retained variance stay finite
 
     def __init__(self, model, means, forget_classes, momentum=0.9, spread=False, match=0.0, norm=0.0, whiten=0.0):
         self.means, self.momentum, self.through_head, self.spread = means.clone(), momentum, False, spread
         self.match, self.norm, self.whiten = match, norm, whiten
-        self.forget_mean, self.moments = None, None  # the running mu_f (detached between steps); retained_moments'
+        self.forget_mean, self.moments = None, {}  # the running mu_f (detached between steps); running_moments'
         self.forget_classes = list(forget_classes)
         self.forget = torch.tensor(self.forget_classes, device=means.device)
         super().__init__(model)
@@ -57,13 +59,11 @@ class TiedHeadLoss(HeadInputLoss):
             loss = torch.where(is_forget, loss, F.cross_entropy(logits.float(), labels, reduction="none"))
         loss = loss.mean()
         mixed = bool(is_forget.any()) and not bool(is_forget.all())  # the terms compare forget with retained
-        if mixed and (self.match or self.whiten):
-            forget, retained = self._running_forget_mean(raw[is_forget].mean(0)), raw[~is_forget].detach()
-            if self.match:
-                mean = retained.mean(0)
-                loss = loss + self.match * (forget - mean).square().sum() / mean.square().sum().clamp_min(1e-12)
-            if self.whiten:
-                loss = loss + self.whiten * self._whitened_gap(forget, retained)
+        if self.match and mixed:
+            forget, retained = self._running_forget_mean(raw[is_forget].mean(0)), raw[~is_forget].mean(0).detach()
+            loss = loss + self.match * (forget - retained).square().sum() / retained.square().sum().clamp_min(1e-12)
+        if self.whiten and mixed:
+            loss = loss + self.whiten * self._whitened_gap(raw[is_forget], raw[~is_forget])
         if self.norm and mixed:
             norms = raw.norm(dim=1)
             loss = loss + self.norm * (norms[is_forget] / norms[~is_forget].mean().detach() - 1).square().mean()
@@ -81,23 +81,26 @@ class TiedHeadLoss(HeadInputLoss):
         return forget
 
     def _whitened_gap(self, forget, retained):
-        """(mu_f - m_r)^T (S_r + eps I)^-1 (mu_f - m_r), m_r and S_r retained_moments' with this batch's."""
-        mean, covariance = self.retained_moments(retained)
+        """(m_f - m_r)^T (S_r + eps I)^-1 (m_f - m_r) after this batch's images are counted in; the
+        gradient reaches the batch's forget images as if their mean stood for m_f."""
+        forget_mean, _ = self.running_moments("forget", forget.detach())
+        mean, covariance = self.running_moments("retained", retained.detach())
+        batch = forget.double().mean(0)
+        gap = forget_mean + (batch - batch.detach()) - mean
         eps = self.RIDGE * covariance.diagonal().mean().clamp_min(1e-12)
-        gap = forget.double() - mean
         ridged = covariance + eps * torch.eye(len(gap), dtype=gap.dtype, device=gap.device)
         return (gap @ torch.linalg.solve(ridged, gap)).float()
 
     @torch.no_grad()
-    def retained_moments(self, retained):
-        """(mean, covariance) in float64 of the retained features seen so far, each step's sums decayed by
-        MOMENTS_DECAY before this batch's (n, D) are added: plain averages over the first batches, then
-        about the last 100 batches'. float64: E[xx^T] - m m^T loses the small variances in float32."""
-        retained = retained.double()
-        sums = (len(retained), retained.sum(0), retained.T @ retained)
-        if self.moments is not None:
-            sums = tuple(self.MOMENTS_DECAY * old + new for old, new in zip(self.moments, sums))
-        self.moments = sums
+    def running_moments(self, key, features):
+        """(mean, covariance), in float64, of the features (n, D) seen under key so far: each step the
+        sums so far are decayed by MOMENTS_DECAY, then this batch's added; plain averages over the first
+        batches. float64: E[x x^T] - m m^T loses the small variances in float32."""
+        features = features.double()
+        sums = (len(features), features.sum(0), features.T @ features)
+        if key in self.moments:
+            sums = tuple(self.MOMENTS_DECAY * old + new for old, new in zip(self.moments[key], sums))
+        self.moments[key] = sums
         count, total, products = sums
         mean = total / count
         return mean, products / count - torch.outer(mean, mean)

@@ -303,15 +303,21 @@ def test_tie_whiten_adds_the_gap_a_linear_probe_reads_so_a_gap_where_the_retaine
         assert features.grad[:12].abs().max() < 1e-6 < features.grad[12:].abs().max()  # the retained: held
         match[axis] = term_added(match=1.0)(features.detach(), labels)
     assert torch.allclose(match[0], match[1]) and whiten[1] > 100 * whiten[0]  # plain distance: the same
+    # the gap is the running one: a second batch (the same retained images) whose forget mean is the retained
+    # mean leaves 0.99 * 2 / (0.99 * 2 + 2) of the first gap, its square that share squared
+    added = term_added(whiten=1.0)
+    first = added(features.detach(), labels)
+    second = added(torch.cat([retained, mean.float().expand(2, 3)]), labels)
+    assert torch.allclose(second, first * (0.99 / 1.99) ** 2, rtol=1e-4)
 
 
-def test_retained_moments_are_the_mean_and_covariance_of_every_retained_image_seen_without_decay():
+def test_running_moments_are_the_mean_and_covariance_of_every_image_seen_without_decay():
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(n, 4, generator=generator) * 2 + 1 for n in (5, 9, 7)]
     loss = tie.TiedHeadLoss(build_model("cnn", 3, 4), torch.eye(4), [3])
     loss.MOMENTS_DECAY = 1.0                               # no decay: plain averages over all images seen
     for batch in batches:
-        mean, covariance = loss.retained_moments(batch)
+        mean, covariance = loss.running_moments("retained", batch)
     seen = torch.cat(batches).double()
     assert torch.allclose(mean, seen.mean(0)) and torch.allclose(covariance, torch.cov(seen.T, correction=0))
     loss.remove()
