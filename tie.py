@@ -83,7 +83,7 @@ class TiedHeadLoss(HeadInputLoss):
     def _whitened_gap(self, forget, retained):
         """(m_f - m_r)^T (S_r + eps I)^-1 (m_f - m_r) after this batch's images are counted in; the
         gradient reaches the batch's forget images as if their mean stood for m_f."""
-        forget_mean, _ = self.running_moments("forget", forget.detach())
+        forget_mean, _ = self.running_moments("forget", forget.detach(), covariance=False)
         mean, covariance = self.running_moments("retained", retained.detach())
         batch = forget.double().mean(0)
         gap = forget_mean + (batch - batch.detach()) - mean
@@ -92,18 +92,18 @@ class TiedHeadLoss(HeadInputLoss):
         return (gap @ torch.linalg.solve(ridged, gap)).float()
 
     @torch.no_grad()
-    def running_moments(self, key, features):
-        """(mean, covariance), in float64, of the features (n, D) seen under key so far: each step the
-        sums so far are decayed by MOMENTS_DECAY, then this batch's added; plain averages over the first
-        batches. float64: E[x x^T] - m m^T loses the small variances in float32."""
+    def running_moments(self, key, features, covariance=True):
+        """(mean, covariance or None), in float64, of the features (n, D) seen under key so far: each step
+        the sums so far are decayed by MOMENTS_DECAY, then this batch's added; plain averages over the
+        first batches. float64: E[x x^T] - m m^T loses the small variances in float32. covariance=False
+        keeps no D x D sum (the forget images' mean needs none)."""
         features = features.double()
-        sums = (len(features), features.sum(0), features.T @ features)
+        sums = (len(features), features.sum(0)) + ((features.T @ features,) if covariance else ())
         if key in self.moments:
             sums = tuple(self.MOMENTS_DECAY * old + new for old, new in zip(self.moments[key], sums))
         self.moments[key] = sums
-        count, total, products = sums
-        mean = total / count
-        return mean, products / count - torch.outer(mean, mean)
+        mean = sums[1] / sums[0]
+        return mean, sums[2] / sums[0] - torch.outer(mean, mean) if covariance else None
 
 
 def balanced_assignment(scores):
