@@ -224,9 +224,11 @@ def separation_table(table):
 # the files unlearn.py writes
 
 
-def method_runs(methods, epochs):
-    """(method, epochs, row name) of each run: one per epoch count, named method@<E>ep where there are several."""
-    return [(m, e, m if len(epochs) == 1 or m in NO_EPOCHS else f"{m}@{e}ep")
+def method_runs(methods, epochs, own_epochs=None):
+    """(method, epochs, row name) of each run: one per epoch count, named method@<E>ep where there are several.
+    own_epochs: {method: E} for a method whose setting has its own count (--deep 1's PruneLoRA), with one count."""
+    own = own_epochs or {}
+    return [(m, own.get(m, e), m if len(epochs) == 1 or m in NO_EPOCHS else f"{m}@{e}ep")
             for m in methods for e in (epochs[-1:] if m in NO_EPOCHS else epochs)]
 
 

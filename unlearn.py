@@ -35,6 +35,7 @@ from report import finished_seeds, method_runs, near_chance, report, save_partia
 from train import RUN_KEYS, Progress, add_data_args, add_train_args, train
 
 share = number(float, "between 0 and 1, both excluded", lambda v: 0 < v < 1)
+EPOCHS = 5  # unlearning epochs where --epochs is not given
 
 # -----------------------------------------------------------------------------
 # one method, measured
@@ -84,7 +85,7 @@ def planned_work(run, args):
         if not base.get("complete", False):  # a base to train, or to finish
             work += (base_epochs - base.get("epochs_done", 0)) * len(split["train"])
         work += evaluate  # the base row
-        for method, epochs, _ in method_runs(run.methods, args.epochs):
+        for method, epochs, _ in method_runs(run.methods, args.epochs, args.own_epochs):
             images = {"retrain": 0, "hidden": 0, "ga": len(split["forget"]),
                       "rl": len(split["train"])}.get(method, len(split["retain"]))
             work += epochs * images + evaluate
@@ -143,9 +144,10 @@ def build_parser():
                        help="with --bench-steps: also where each method's step spends its time (torch.profiler)")
     add_data_args(parser.add_argument_group("data and model"), many_seeds=True)
     group = parser.add_argument_group("unlearning")
-    group.add_argument("--epochs", type=positive_int, nargs="+", default=[5], metavar="E",
+    group.add_argument("--epochs", type=positive_int, nargs="+", default=None, metavar="E",
                        help="unlearning epochs; several (e.g. 1 2 3 5): each method once per count, and a table of "
-                       "the fewest epochs after which each meets the targets")
+                       f"the fewest epochs after which each meets the targets (default {EPOCHS}; PruneLoRA's "
+                       f"{deep.DEEP_EPOCHS} under --deep 1)")
     group.add_argument("--batch-size", type=positive_int, default=128, help="unlearning batch size")
     group.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate of the full-weight methods")
     group.add_argument("--lora-lr", type=positive_float, default=3e-3,
@@ -170,6 +172,7 @@ def build_parser():
     group.add_argument("--resume", action="store_true",
                        help="several seeds: take the seeds a cut run of the same command finished from its "
                        ".partial.json, and run only the rest (a cut base or Retrain is finished either way)")
+    parser.set_defaults(own_epochs=None)  # not an option: {method: epochs} where a setting has its own (deep.py)
     return parser
 
 
@@ -237,6 +240,7 @@ def setup(args):
         raise UserError("--bench-profile profiles the --bench-steps steps; give --bench-steps N too")
     check_dataset_name(args.dataset)
     check_arch(args.arch, args.width)
+    args.epochs = args.epochs or [EPOCHS]  # after deep.check_args, which reads whether it was given
     if len(set(args.epochs)) != len(args.epochs):
         raise UserError(f"--epochs repeats a count ({' '.join(map(str, args.epochs))}); name each once")
     args.epochs = sorted(args.epochs)
@@ -305,7 +309,7 @@ def run_methods(run, task, args):
         rows["base"].update(depth_metrics(base_model, data, args.forget_class, task.split["train"], seed=args.seed,
                                           reference=base_model))
     task.progress.evaluated(evaluation_images(task, data, args))
-    for method, epochs, name in method_runs(run.methods, args.epochs):
+    for method, epochs, name in method_runs(run.methods, args.epochs, args.own_epochs):
         print(f"{name}:" + (f" (seed {args.seed})" if len(run.tasks) > 1 else ""), flush=True)
         method_args = argparse.Namespace(**dict(vars(args), epochs=epochs))
         model, rows[name] = run_method(method, task, data, method_args, device, base_model)
@@ -326,7 +330,7 @@ def run_methods(run, task, args):
         print("timing one training step of finetune, lora and prunelora side by side", flush=True)
         benched = bench_step_times(task.ckpt, data, task.split, args, device, steps=10, eager=False)
         for method, bench in benched.items():  # with --compile: the compiled steps, as the methods trained
-            for name in (name for m, _, name in method_runs(run.methods, args.epochs)
+            for name in (name for m, _, name in method_runs(run.methods, args.epochs, args.own_epochs)
                          if m == method.removesuffix(COMPILED)):
                 rows[name]["step_time_vs_finetune"] = bench["step_time_vs_finetune"]
     noisy = near_chance(rows)

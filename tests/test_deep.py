@@ -1,6 +1,7 @@
 """The PruneLoRA variants aimed at deeper forgetting (deep.py, tie.py, projection.py), on synthetic data."""
 import argparse
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from data import predict
 from evaluate import unlearning_metrics
 from methods import Task
 from models import build_model
+from report import method_runs
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -344,18 +346,42 @@ def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leave
     assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
 
 
-def test_deep_1_selects_the_tied_head_and_refuses_options_of_its_own():
-    args = unlearn_args(deep=1)
+def test_deep_1_selects_the_measured_setting_and_refuses_options_of_its_own():
+    args = unlearn_args(deep=1, epochs=None)  # --epochs not given
     deep.check_args(args, ["retrain", "prunelora"])
-    assert args.tie_head == 1 and deep.DEEP == {"tie_head": 1}  # and nothing else changed
-    assert vars(args) == vars(unlearn_args(deep=1, tie_head=1))
-    for clash in (dict(tie_head=1), dict(push=1.0), dict(project_start=2)):
+    assert {key: getattr(args, key) for key in deep.DEEP} == deep.DEEP and deep.DEEP["tie_head"] == 1
+    assert vars(args) == vars(unlearn_args(deep=1, epochs=None, own_epochs={"prunelora": deep.DEEP_EPOCHS},
+                                           **deep.DEEP))  # and nothing else changed
+    # its own epoch count is PruneLoRA's alone; the other methods keep theirs, and a given --epochs is PruneLoRA's too
+    assert method_runs(["finetune", "prunelora", "retrain"], [5], args.own_epochs) == [
+        ("finetune", 5, "finetune"), ("prunelora", deep.DEEP_EPOCHS, "prunelora"), ("retrain", 5, "retrain")]
+    given = unlearn_args(deep=1, epochs=[3])
+    deep.check_args(given, ["prunelora"])
+    assert given.own_epochs is None
+    assert method_runs(["prunelora"], [3], given.own_epochs) == [("prunelora", 3, "prunelora")]
+    for clash in (dict(tie_head=1), dict(push=1.0), dict(project_start=2), dict(repair_epochs=2)):
         with pytest.raises(UserError, match="--deep 1 sets the options"):
             deep.check_args(unlearn_args(deep=1, **clash), ["prunelora"])
     with pytest.raises(UserError, match="--deep 1 changes prunelora only"):
         deep.check_args(unlearn_args(deep=1), ["finetune"])
-    with pytest.raises(UserError, match=r"--deep 1 \(--tie-head 1\) needs the forget classes"):
+    with pytest.raises(UserError, match=r"--deep 1 needs the forget classes"):
         deep.check_args(unlearn_args(deep=1, forget_class=[]), ["prunelora"])
+
+
+def test_deep_1_from_the_command_line_trains_prunelora_its_own_epochs_and_the_other_methods_theirs(
+        synthetic_dataset, base_checkpoint, tmp_path):
+    dataset, data_dir = synthetic_dataset
+    result = subprocess.run([sys.executable, str(HERE / "unlearn.py"), "--dataset", dataset, "--data-dir", data_dir,
+                             "--base", str(base_checkpoint), "--arch", "cnn", "--forget-class", "1", "--deep", "1",
+                             "--method", "prunelora,finetune", "--batch-size", "32"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    saved = {method: torch.load(next((tmp_path / "checkpoints" / "unlearned").glob(f"*-{method}.pt")),
+                                weights_only=True) for method in ("prunelora", "finetune")}
+    assert saved["prunelora"]["args"]["unlearn_epochs"] == deep.DEEP_EPOCHS
+    assert saved["finetune"]["args"]["unlearn_epochs"] == unlearn.EPOCHS
+    settings = json.loads(next((tmp_path / "results").glob("*.json")).read_text())["settings"]
+    assert {key: settings[key] for key in deep.DEEP} == deep.DEEP and settings["epochs"] == [unlearn.EPOCHS]
 
 
 def test_tie_head_with_push_is_a_one_line_error(synthetic_dataset, base_checkpoint, tmp_path):
