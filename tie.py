@@ -103,7 +103,7 @@ class TiedHeadLoss(HeadInputLoss):
             sums = tuple(self.MOMENTS_DECAY * old + new for old, new in zip(self.moments[key], sums))
         self.moments[key] = sums
         mean = sums[1] / sums[0]
-        return mean, sums[2] / sums[0] - torch.outer(mean, mean) if covariance else None
+        return mean, (sums[2] / sums[0] - torch.outer(mean, mean) if covariance else None)
 
 
 def balanced_assignment(scores):
