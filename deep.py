@@ -138,7 +138,7 @@ def check_args(args, methods):
     if args.tie_head and (args.push or args.hold or args.relabel_forget):
         raise UserError("--tie-head 1 replaces the loss that --push, --hold and --relabel-forget change; "
                         "use one or the other")
-    if args.tie_head and distributed.world_size() > 1:
+    if args.tie_head and distributed.planned_world_size() > 1:  # checked before start() joins them
         raise UserError(f"{tie} keeps its class means in one process; run it without torchrun")
     for flag, key, what in (("--repair-epochs", "repair_epochs", "trains after"), ("--tie-spread", "tie_spread",
                             "spreads the targets of"), ("--tie-match", "tie_match", "adds to the loss of"),

@@ -43,6 +43,11 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def planned_world_size():
+    """The processes torchrun started, read before start() joins them (for checks before any work)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def is_main():
     return rank() == 0
 

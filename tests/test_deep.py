@@ -346,6 +346,17 @@ def test_prunelora_with_a_tied_head_trains_merges_sparse_fits_the_head_and_leave
     assert row["sparsity"] == pytest.approx(0.5, abs=0.02) and row["UA"] >= 90 and row["RA"] >= 80
 
 
+def test_the_tied_head_under_torchrun_is_refused_before_any_process_joins(monkeypatch):
+    """Its class means live in one process: checked from torchrun's WORLD_SIZE, since the check runs
+    before distributed.start() joins the processes (world_size() is still 1 then)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for option, shown in ((dict(tie_head=1), "--tie-head 1"), (dict(deep=1), "--deep 1")):
+        with pytest.raises(UserError, match=f"{shown} keeps its class means in one process"):
+            deep.check_args(unlearn_args(**option), ["prunelora"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    deep.check_args(unlearn_args(tie_head=1), ["prunelora"])
+
+
 def test_deep_1_selects_the_measured_setting_and_refuses_options_of_its_own():
     args = unlearn_args(deep=1, epochs=None)  # --epochs not given
     deep.check_args(args, ["retrain", "prunelora"])
