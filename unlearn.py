@@ -147,7 +147,7 @@ def build_parser():
     group.add_argument("--epochs", type=positive_int, nargs="+", default=None, metavar="E",
                        help="unlearning epochs; several (e.g. 1 2 3 5): each method once per count, and a table of "
                        f"the fewest epochs after which each meets the targets (default {EPOCHS}; PruneLoRA's "
-                       f"{deep.DEEP_EPOCHS} under --deep 1)")
+                       f"{deep.DEEP_EPOCHS} under --deep 1, its default)")
     group.add_argument("--batch-size", type=positive_int, default=128, help="unlearning batch size")
     group.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate of the full-weight methods")
     group.add_argument("--lora-lr", type=positive_float, default=3e-3,
@@ -161,7 +161,8 @@ def build_parser():
     group.add_argument("--freeze-bn", type=int, choices=(0, 1), default=1,
                        help="1: BatchNorm statistics stay the base's during prunelora and lora, so only the low-rank "
                        "update and the head change; 0: they drift with the retained data, as in the paper's code")
-    deep.add_args(parser.add_argument_group("prunelora aimed at deeper forgetting (deep.py; each off by default)"))
+    deep.add_args(parser.add_argument_group("prunelora aimed at deeper forgetting (deep.py; --deep 1 where it "
+                                            "applies, the rest off by default)"))
     group = parser.add_argument_group("base model (trained first where --base does not exist)")
     group.add_argument("--base", default=None,
                        help="base checkpoint for every seed (default: checkpoints/<dataset>-<arch>[-w<W>][-n<N>]"
@@ -310,7 +311,8 @@ def run_methods(run, task, args):
                                           reference=base_model))
     task.progress.evaluated(evaluation_images(task, data, args))
     for method, epochs, name in method_runs(run.methods, args.epochs, args.own_epochs):
-        print(f"{name}:" + (f" (seed {args.seed})" if len(run.tasks) > 1 else ""), flush=True)
+        print(f"{name}:" + (" --deep 1" if method == "prunelora" and args.deep else "")
+              + (f" (seed {args.seed})" if len(run.tasks) > 1 else ""), flush=True)
         method_args = argparse.Namespace(**dict(vars(args), epochs=epochs))
         model, rows[name] = run_method(method, task, data, method_args, device, base_model)
         rows[name]["inference_time_ratio"] = inference_time_ratio(model, base_model, data)

@@ -379,6 +379,27 @@ def test_deep_1_selects_the_measured_setting_and_refuses_options_of_its_own():
         deep.check_args(unlearn_args(deep=1, forget_class=[]), ["prunelora"])
 
 
+def test_deep_left_out_is_1_wherever_it_applies_and_0_elsewhere(monkeypatch, capsys):
+    """The default: --deep 1 where whole classes are forgotten with prunelora in one process and none of its
+    options is given; PruneLoRA as the paper has it otherwise, never an error for a run that gave no --deep."""
+    args = unlearn_args(epochs=None)
+    assert args.deep is None  # what the command line leaves, resolved by check_args
+    deep.check_args(args, ["retrain", "prunelora"])
+    assert args.deep == 1 and {key: getattr(args, key) for key in deep.DEEP} == deep.DEEP
+    for changes, methods in ((dict(forget_class=[], forget_share=0.1), ["prunelora"]),  # a random sample
+                             (dict(), ["finetune", "retrain"]),                         # no prunelora
+                             (dict(tie_head=1, epochs=[3]), ["prunelora"]),             # the user's own setting
+                             (dict(deep=0), ["prunelora"])):                            # said so
+        args = unlearn_args(**changes)
+        deep.check_args(args, methods)
+        assert args.deep == 0 and args.repair_epochs == 0 and args.tie_whiten == 0 and args.own_epochs is None
+        assert args.tie_head == changes.get("tie_head", 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: the tie keeps its class means in one process
+    args = unlearn_args()
+    deep.check_args(args, ["prunelora"])
+    assert args.deep == 0 and args.tie_head == 0 and "--deep 0 under torchrun" in capsys.readouterr().out
+
+
 def test_deep_1_from_the_command_line_trains_prunelora_its_own_epochs_and_the_other_methods_theirs(
         synthetic_dataset, base_checkpoint, tmp_path):
     dataset, data_dir = synthetic_dataset

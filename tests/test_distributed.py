@@ -53,7 +53,8 @@ def test_two_processes_unlearn_as_one_process_with_frozen_batchnorm(synthetic_da
             "--lr", "0.05"]
     assert run("train.py", *base, "--out", tmp_path / "base.pt", cwd=tmp_path).returncode == 0
     common = ["--dataset", dataset, "--data-dir", data_dir, "--arch", "cnn", "--base", tmp_path / "base.pt",
-              "--forget-class", "1", "--epochs", "1", "--batch-size", "32"]
+              "--forget-class", "1", "--epochs", "1", "--batch-size", "32",
+              "--deep", "0"]  # PruneLoRA as the paper has it: --deep 1, the default in one process, is not for torchrun
     results = {}
     for processes in (1, 2):
         out = tmp_path / f"p{processes}"
