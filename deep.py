@@ -48,8 +48,6 @@ and its terms are in tie.py.
     --salient-prune Q prune first the share Q of weights the forget images' loss leans on most
     --relabel-forget 1  train on the forget images too, each labelled as its nearest other class
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -127,7 +125,7 @@ def check_args(args, methods):
     if args.deep is None:
         applies = bool(args.forget_class) and "prunelora" in methods and not named
         args.deep = int(applies and distributed.planned_world_size() == 1)
-        if applies and not args.deep and os.environ.get("RANK", "0") == "0":  # said once, not by every process
+        if applies and not args.deep and distributed.planned_main():  # said once, not by every process
             print("note: PruneLoRA runs as --deep 0 under torchrun (--deep 1, the default in one process, keeps its "
                   "class means in one process)", flush=True)
     if args.deep:
@@ -160,7 +158,7 @@ def check_args(args, methods):
             raise UserError(f"{flag} {getattr(args, key)} {what} --tie-head 1; use it with --tie-head 1")
     if args.project_start > args.rank:
         raise UserError(f"--project-start {args.project_start} is above --rank {args.rank}; allowed: 0 to {args.rank}")
-    used = ["--deep 1"] if args.deep else [flag for flag, key in OPTIONS if getattr(args, key)]  # as written
+    used = ["--deep 1"] if args.deep else named  # as written
     if used and "prunelora" not in methods:
         raise UserError(f"{', '.join(used)} change{'s' if len(used) == 1 else ''} prunelora only, and --method has "
                         "no prunelora")

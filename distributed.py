@@ -48,6 +48,11 @@ def planned_world_size():
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def planned_main():
+    """Whether this process will be rank 0 (the one that prints), read before start() joins them."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def is_main():
     return rank() == 0
 
